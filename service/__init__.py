@@ -1,0 +1,1 @@
+"""Barlow Twins pretraining as a service: a faithful re-implementation of facebookresearch/barlowtwins."""

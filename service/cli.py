@@ -1,0 +1,84 @@
+"""The `barlow` command line.
+
+    barlow train SPEC [--set section.field=value ...]     one process, or one worker per process under torchrun
+    barlow validate SPEC [--set ...] [--world-size N]    check a spec and print it resolved
+    barlow schema [-o FILE]                              the spec's JSON Schema, for editors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import sys
+
+from service import distributed
+from service.data import DataError
+from service.metrics import NonFiniteLoss
+from service.spec import SpecError, json_schema, load_spec, spec_to_yaml
+
+log = logging.getLogger("barlow")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="barlow", description="Barlow Twins pretraining service.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_spec(name: str, help: str) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, help=help, description=help)
+        command.add_argument("spec", help="YAML job spec, e.g. specs/digits.yaml")
+        command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                             help="override one field, e.g. --set optim.lr_weights=0.3 (repeatable; YAML values)")
+        return command
+
+    with_spec("train", "Pretrain a backbone as the spec says.")
+    validate = with_spec("validate", "Validate a spec and print it with every default filled in.")
+    validate.add_argument("--world-size", type=int, default=None,
+                          help="check that the global batch divides over this many workers")
+    schema = commands.add_parser("schema", help="Print the spec's JSON Schema.")
+    schema.add_argument("-o", "--output", help="write to this file instead of standard output")
+    return parser
+
+
+def _configure_logging() -> None:
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(
+        level=logging.INFO if rank == "0" else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(message)s" if "RANK" in os.environ else "%(asctime)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _configure_logging()
+    try:
+        if args.command == "schema":
+            text = json.dumps(json_schema(), indent=2)
+            if args.output:
+                with open(args.output, "w") as file:
+                    file.write(text + "\n")
+            else:
+                print(text)
+            return 0
+        if args.command == "validate":
+            spec = load_spec(args.spec, args.overrides, world_size=args.world_size)
+            print(spec_to_yaml(spec), end="")
+            return 0
+        from service.trainer import train
+
+        spec = load_spec(args.spec, args.overrides, world_size=distributed.launched_world_size())
+        result = train(spec, command=shlex.join(["barlow", *sys.argv[1:]] if argv is None else ["barlow", *argv]))
+        if os.environ.get("RANK", "0") == "0":
+            print(f"done: {result.steps} steps; stats {result.output / 'stats.txt'}; "
+                  f"backbone {result.weights}; spec {result.output / 'spec.yaml'}")
+        return 0
+    except (SpecError, DataError, NonFiniteLoss) as error:
+        print(f"barlow: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Data sets, the world-size-independent batch sampler, and the two-view loader.
+
+Every random choice of the augmentations is a function of (seed, epoch, sample index): a sample's two views are
+the same whatever the rank, the number of workers or of loader processes. The sampler cuts each epoch's
+permutation into global batches first and gives each rank a contiguous slice of every global batch, so a run
+is the same computation at any world size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from service.spec import DataSpec
+
+
+class DataError(RuntimeError):
+    """The data set cannot be read as the spec says; the message says what to do."""
+
+
+def digits_is_test(index: int) -> bool:
+    """The fixed 60/40 train/test split of the digits (every 5th sample's 2nd and 4th positions are test)."""
+    return index % 5 in (1, 3)
+
+
+class Digits(Dataset):
+    """scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes), upscaled to RGB `size` x `size`."""
+
+    def __init__(self, size: int, train: bool = True):
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        keep = [i for i in range(len(digits.target)) if digits_is_test(i) != train]
+        pixels = torch.from_numpy(digits.images[keep]).float().div(16.0).unsqueeze(1)
+        pixels = torch.nn.functional.interpolate(pixels, size=(size, size), mode="bicubic", align_corners=False)
+        self.images = pixels.clamp(0, 1).mul(255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+        self.targets = [int(t) for t in digits.target[keep]]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[tv_tensors.Image, int]:
+        return tv_tensors.Image(self.images[index]), self.targets[index]
+
+
+class Cifar10(Dataset):
+    """CIFAR-10 from torchvision's on-disk format (`cifar-10-batches-py/`), never downloaded."""
+
+    def __init__(self, root: str, train: bool = True):
+        try:
+            cifar = torchvision.datasets.CIFAR10(root, train=train, download=False)
+        except RuntimeError as error:
+            raise DataError(
+                f"CIFAR-10 not found under {root}: expected {Path(root) / 'cifar-10-batches-py'} in torchvision's "
+                f"format ({error}). Download it once outside the job and point data.path at its parent folder."
+            ) from None
+        self.images = torch.from_numpy(cifar.data).permute(0, 3, 1, 2).contiguous()
+        self.targets = list(cifar.targets)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[tv_tensors.Image, int]:
+        return tv_tensors.Image(self.images[index]), self.targets[index]
+
+
+def decode_image_file(path: str) -> tv_tensors.Image:
+    """Decode a JPEG/PNG/... file to a 3-channel uint8 image; a corrupt file is named in the error."""
+    try:
+        data = torchvision.io.read_file(path)
+        return tv_tensors.Image(torchvision.io.decode_image(data, mode=torchvision.io.ImageReadMode.RGB))
+    except RuntimeError as error:
+        raise DataError(f"cannot decode image {path}: {error}. Remove or replace the file.") from None
+
+
+class ImageFolder(torchvision.datasets.ImageFolder):
+    """An ImageNet-style folder (`root/train/<class>/<image>`), decoded with torchvision.io."""
+
+    def __init__(self, root: str, split: str = "train"):
+        folder = Path(root) / split
+        if not folder.is_dir():
+            raise DataError(f"{folder} is not a folder: data.path must hold a {split}/ folder with one folder per class")
+        super().__init__(str(folder), loader=decode_image_file)
+
+
+def labelled_images(spec: DataSpec, train: bool = True) -> Dataset:
+    if spec.dataset == "digits":
+        return Digits(spec.image_size, train=train)
+    if spec.dataset == "cifar10":
+        return Cifar10(spec.path, train=train)
+    return ImageFolder(spec.path, "train" if train else "val")
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class TwoViews(Dataset):
+    """Both augmented views of one sample, keyed by (epoch, index) and seeded by (seed, epoch, index)."""
+
+    def __init__(self, images: Dataset, views: tuple[v2.Transform, v2.Transform], seed: int):
+        self.images = images
+        self.views = views
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, index = key
+        image, _ = self.images[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.views[0](image).as_subclass(torch.Tensor), self.views[1](image).as_subclass(torch.Tensor)
+
+
+class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Yields this rank's share of each global batch as (epoch, index) keys.
+
+    The epoch's permutation depends only on (seed, epoch); it is cut into `len(self)` global batches (the
+    incomplete last one is dropped, so every step normalises over exactly `global_batch` samples), and rank r
+    takes the r-th contiguous slice of each. `start_batch` skips batches already trained in this epoch.
+    """
+
+    def __init__(self, dataset_size: int, global_batch: int, rank: int, world_size: int, seed: int):
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} does not divide over {world_size} workers")
+        if dataset_size < global_batch:
+            raise DataError(
+                f"the data set has {dataset_size} samples, fewer than one global batch ({global_batch}): "
+                f"lower optim.batch_size"
+            )
+        self.dataset_size = dataset_size
+        self.global_batch = global_batch
+        self.local_batch = global_batch // world_size
+        self.rank = rank
+        self.seed = seed
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def __len__(self) -> int:
+        return self.dataset_size // self.global_batch - self.start_batch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.dataset_size, generator=generator).tolist()
+        first = self.rank * self.local_batch
+        for batch in range(self.start_batch, self.dataset_size // self.global_batch):
+            start = batch * self.global_batch + first
+            yield [(self.epoch, index) for index in order[start:start + self.local_batch]]
+
+
+def two_view_loader(
+    images: Dataset,
+    views: tuple[v2.Transform, v2.Transform],
+    *,
+    global_batch: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    workers: int,
+    pin_memory: bool,
+) -> tuple[DataLoader, GlobalBatchSampler]:
+    sampler = GlobalBatchSampler(len(images), global_batch, rank, world_size, seed)
+    loader = DataLoader(
+        TwoViews(images, views, seed),
+        batch_sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+    )
+    return loader, sampler

@@ -1,0 +1,74 @@
+"""Process-group lifecycle and the few collectives the method needs.
+
+Workers are started by torchrun, which sets RANK, WORLD_SIZE and LOCAL_RANK; they are read afresh at every
+start, so a restarted (possibly resized) worker group simply initialises again. A plain `python` process is a
+world of one and never creates a process group.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_autograd
+
+
+@dataclass(frozen=True)
+class Worker:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def start(device: str = "auto") -> Worker:
+    """Choose the device and, under torchrun with more than one worker, join the default process group."""
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = launched_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise RuntimeError("run.device=cuda was asked for, but this machine has no usable CUDA device")
+        torch.cuda.set_device(local_rank)
+        chosen = torch.device("cuda", local_rank)
+    else:
+        chosen = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=chosen if use_cuda else None)
+    return Worker(rank, world_size, local_rank, chosen)
+
+
+def stop() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over workers, differentiably: the backward pass sums the incoming gradients over workers too.
+
+    With every worker computing the same global loss from such sums, each worker's gradient is W times its
+    share of the true gradient, and DDP's average over W workers yields exactly the true gradient.
+    """
+    if world_size() == 1:
+        return tensor
+    return dist_autograd.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,52 @@
+"""The Barlow Twins loss (Zbontar et al. 2021, eq. 1 and 2), correct under data parallelism.
+
+Each worker passes its own embeddings. The embeddings are normalised with the statistics of the global batch
+(as the reference's affine-free SyncBatchNorm does in training mode), and the cross-correlation matrix is summed
+over workers with a differentiable all-reduce, so every worker computes the loss of the global batch and DDP's
+gradient average gives the single-process gradient. The reference's plain `all_reduce(c)` skipped that backward
+and scaled every update by 1/world_size; `LossSpec.reference_world_size` reproduces it when asked.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from service.distributed import all_reduce_sum
+
+BATCHNORM_EPS = 1e-5  # the eps of the reference's BatchNorm1d(affine=False)
+
+
+def off_diagonal(matrix: torch.Tensor) -> torch.Tensor:
+    """The off-diagonal elements of a square matrix, flattened (the reference's helper)."""
+    n, m = matrix.shape
+    if n != m:
+        raise ValueError(f"off_diagonal needs a square matrix, got {n}x{m}")
+    return matrix.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
+
+
+def _normalize_over_global_batch(z: torch.Tensor, global_count: torch.Tensor) -> torch.Tensor:
+    mean = all_reduce_sum(z.sum(dim=0)) / global_count
+    centered = z - mean
+    variance = all_reduce_sum(centered.square().sum(dim=0)) / global_count  # biased, as BatchNorm normalises
+    return centered / torch.sqrt(variance + BATCHNORM_EPS)
+
+
+def cross_correlation(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """The D x D cross-correlation of the two views' embeddings over the global batch."""
+    if z1.shape != z2.shape or z1.ndim != 2:
+        raise ValueError(f"both views need embeddings of one shape (N, D), got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    # Autocast would run the D x D product in half precision; the loss is computed in fp32 (cf. reference issue #53).
+    with torch.autocast(device_type=z1.device.type, enabled=False):
+        z1, z2 = z1.float(), z2.float()
+        global_count = all_reduce_sum(torch.tensor(float(z1.shape[0]), device=z1.device))
+        n1 = _normalize_over_global_batch(z1, global_count)
+        n2 = _normalize_over_global_batch(z2, global_count)
+        return all_reduce_sum(n1.T @ n2) / global_count
+
+
+def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051) -> torch.Tensor:
+    """sum_i (1 - C_ii)^2 + lambd * sum_{i != j} C_ij^2 for the global batch's cross-correlation C."""
+    c = cross_correlation(z1, z2)
+    on_diag = torch.diagonal(c).add(-1).pow(2).sum()
+    off_diag = off_diagonal(c).pow(2).sum()
+    return on_diag + lambd * off_diag

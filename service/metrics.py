@@ -1,0 +1,67 @@
+"""Training statistics: the reference's stats.txt, a progress display, and the non-finite-loss guard."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("barlow")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class TrainingStats:
+    """Writes `stats.txt` like the reference: the command line, then one JSON line per logged step.
+
+    Each line is {"epoch", "step", "lr_weights", "lr_biases", "loss", "time"} with `time` in whole seconds since
+    the start. Only the main worker writes; the others keep the guard.
+    """
+
+    def __init__(self, output: Path, command: str, *, total_steps: int, enabled: bool):
+        self.enabled = enabled
+        self.start = time.time()
+        self.total_steps = total_steps
+        self.progress = None
+        self.file = None
+        if not enabled:
+            return
+        output.mkdir(parents=True, exist_ok=True)
+        self.file = open(output / "stats.txt", "a", buffering=1)
+        print(command, file=self.file)
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.progress = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
+
+    def log(self, *, epoch: int, step: int, lr_weights: float, lr_biases: float, loss: float) -> dict:
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(
+                f"the loss became {loss} at step {step} (epoch {epoch}); lower optim.lr_weights or use "
+                "run.precision=fp32/bf16, then resume from the last checkpoint"
+            )
+        stats = dict(epoch=epoch, step=step, lr_weights=lr_weights, lr_biases=lr_biases, loss=loss,
+                     time=int(time.time() - self.start))
+        if self.enabled:
+            print(json.dumps(stats), file=self.file)
+            if self.progress is not None:
+                self.progress.set_postfix(epoch=epoch, loss=f"{loss:.4g}")
+            else:
+                log.info("epoch %d step %d/%d loss %.6g lr_weights %.4g lr_biases %.4g", epoch, step,
+                         self.total_steps, loss, lr_weights, lr_biases)
+        return stats
+
+    def advance(self, steps: int = 1) -> None:
+        if self.progress is not None:
+            self.progress.update(steps)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+        if self.file is not None:
+            self.file.close()

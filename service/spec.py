@@ -1,0 +1,263 @@
+"""The job spec: one validated description of a pretraining run.
+
+Every default is the reference recipe (facebookresearch/barlowtwins `main.py`, Zbontar et al. 2021); the
+description of each field says where a number comes from. Specs are YAML files, optionally changed by dotted
+overrides (`optim.lr_weights=0.3`), and validated here before any process starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used, with a message that says how to fix it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSpec(_Section):
+    dataset: Literal["imagefolder", "cifar10", "digits"] = Field(
+        "imagefolder",
+        description="`imagefolder`: an ImageNet-style tree with a `train/` folder of one sub-folder per class "
+        "(the reference's layout); `cifar10`: torchvision's CIFAR-10 files, never downloaded; `digits`: the "
+        "8x8 handwritten digits that scikit-learn ships, upscaled (no download, the built-in demo).",
+    )
+    path: str | None = Field(
+        None, description="Root of the data set: the folder holding `train/` (imagefolder) or CIFAR-10's "
+        "`cifar-10-batches-py/` (cifar10). Not used by `digits`."
+    )
+    image_size: int = Field(224, ge=8, description="Side of the square crops fed to the network (reference: 224).")
+    workers: int = Field(
+        8, ge=0, description="Data-loading processes per training worker (reference: 8). 0 loads in the worker itself."
+    )
+
+
+class AugmentSpec(_Section):
+    """The two asymmetric views. Defaults are the reference's ImageNet pipelines."""
+
+    crop_scale: tuple[float, float] = Field(
+        (0.08, 1.0), description="RandomResizedCrop area range (reference: 0.08-1); aspect ratio is always 3/4-4/3."
+    )
+    horizontal_flip: float = Field(0.5, ge=0.0, le=1.0, description="Probability of a horizontal flip (reference: 0.5).")
+    color_jitter: float = Field(
+        0.8, ge=0.0, le=1.0,
+        description="Probability of ColorJitter(0.4, 0.4, 0.2, 0.1) (reference: 0.8).",
+    )
+    grayscale: float = Field(0.2, ge=0.0, le=1.0, description="Probability of converting to grayscale (reference: 0.2).")
+    blur: tuple[float, float] = Field(
+        (1.0, 0.1), description="Probability of a Gaussian blur, sigma ~ U(0.1, 2), for view 1 and view 2 "
+        "(reference: 1.0 and 0.1; small images usually use 0 and 0).",
+    )
+    solarize: tuple[float, float] = Field(
+        (0.0, 0.2), description="Probability of solarization at 128 for view 1 and view 2 (reference: 0.0 and 0.2)."
+    )
+    mean: tuple[float, float, float] = Field(IMAGENET_MEAN, description="Per-channel normalisation mean (ImageNet's).")
+    std: tuple[float, float, float] = Field(IMAGENET_STD, description="Per-channel normalisation std (ImageNet's).")
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _ordered_scale(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError("crop_scale must be [low, high] with 0 < low <= high <= 1, e.g. [0.08, 1.0]")
+        return value
+
+    @field_validator("blur", "solarize")
+    @classmethod
+    def _probabilities(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= p <= 1.0 for p in value):
+            raise ValueError("each probability must lie in [0, 1]")
+        return value
+
+
+class ModelSpec(_Section):
+    backbone: Literal["resnet18", "resnet34", "resnet50"] = Field(
+        "resnet50", description="torchvision ResNet, built with zero_init_residual=True, fc removed (reference: resnet50)."
+    )
+    stem: Literal["imagenet", "cifar"] = Field(
+        "imagenet", description="`imagenet`: 7x7/2 convolution and max-pool; `cifar`: 3x3/1 convolution, no max-pool, "
+        "the usual adaptation for 32x32 images."
+    )
+    projector: str = Field(
+        "8192-8192-8192",
+        description="Hidden and output sizes of the projector, dash-separated (reference: 8192-8192-8192). "
+        "Every layer but the last is Linear(bias=False)-BatchNorm-ReLU; the last is Linear(bias=False).",
+    )
+
+    @field_validator("projector")
+    @classmethod
+    def _projector_sizes(cls, value: str) -> str:
+        if not re.fullmatch(r"[1-9][0-9]*(-[1-9][0-9]*)*", value):
+            raise ValueError(f"projector must be positive sizes joined by dashes, e.g. '8192-8192-8192', not {value!r}")
+        return value
+
+    @property
+    def projector_sizes(self) -> list[int]:
+        return [int(size) for size in self.projector.split("-")]
+
+
+class LossSpec(_Section):
+    lambd: float = Field(
+        0.0051, ge=0.0, description="Weight of the off-diagonal (redundancy) term (reference code: 0.0051; paper: 5e-3)."
+    )
+    scale_loss: float = Field(
+        1.0, gt=0.0, description="Multiplies the loss, as the first release's `--scale-loss` did (the seed README's "
+        "command: 0.024). Keep 1.0 with the current two-learning-rate form."
+    )
+    reference_world_size: int | None = Field(
+        None, ge=1,
+        description="Reproduce the reference's gradient scale: its non-differentiable all_reduce made every update "
+        "use 1/world_size of the true gradient. Set this to the reference run's GPU count (16 for the seed README's "
+        "run, 32 for the paper) to divide gradients by it at any world size. Unset: the true gradient.",
+    )
+
+
+class OptimSpec(_Section):
+    optimizer: Literal["lars"] = Field("lars", description="LARS, as in the reference (no other optimizer).")
+    epochs: int = Field(1000, ge=1, description="Training epochs (reference: 1000).")
+    batch_size: int = Field(2048, ge=2, description="Global batch size over all workers (reference: 2048).")
+    lr_weights: float = Field(
+        0.2, gt=0.0, description="Learning rate multiplier for weights; the peak is lr_weights * batch_size / 256 "
+        "(reference: 0.2)."
+    )
+    lr_biases: float = Field(
+        0.0048, gt=0.0, description="Learning rate multiplier for biases and BatchNorm parameters (reference: 0.0048)."
+    )
+    weight_decay: float = Field(1e-6, ge=0.0, description="Weight decay of the weights (reference code: 1e-6; paper: 1.5e-6).")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="LARS momentum, no dampening or Nesterov (reference: 0.9).")
+    eta: float = Field(0.001, gt=0.0, description="LARS trust coefficient (reference: 0.001).")
+    warmup_epochs: float = Field(10, ge=0.0, description="Linear warm-up from 0, per step (reference: 10 epochs).")
+
+    @model_validator(mode="after")
+    def _warmup_within_training(self) -> OptimSpec:
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"optim.warmup_epochs ({self.warmup_epochs}) must be smaller than optim.epochs ({self.epochs})"
+            )
+        return self
+
+
+class RunSpec(_Section):
+    output: str = Field("./checkpoint", description="Folder for stats.txt, checkpoints and the exported backbone "
+                        "(reference: ./checkpoint).")
+    seed: int = Field(0, ge=0, description="Seed of the model initialisation, the data order and every augmentation.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp16", description="Autocast precision on CUDA (reference: fp16 with a GradScaler). On the CPU, bf16 uses "
+        "CPU autocast and fp16 falls back to fp32."
+    )
+    channels_last: bool = Field(True, description="Use the channels_last memory format for the convolutions on CUDA.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: CUDA when available, else the CPU.")
+    log_every: int = Field(100, ge=1, description="Steps between stats lines (reference: 100).")
+
+
+class TrainSpec(_Section):
+    """A Barlow Twins pretraining run."""
+
+    data: DataSpec = Field(default_factory=DataSpec)
+    augment: AugmentSpec = Field(default_factory=AugmentSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    loss: LossSpec = Field(default_factory=LossSpec)
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    run: RunSpec = Field(default_factory=RunSpec)
+
+    @model_validator(mode="after")
+    def _data_path_when_needed(self) -> TrainSpec:
+        if self.data.dataset != "digits" and not self.data.path:
+            raise ValueError(
+                f"data.path is required for data.dataset={self.data.dataset!r}: set it to the data set's root folder"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _batch_fits_workers(self, info: ValidationInfo) -> TrainSpec:
+        world_size = (info.context or {}).get("world_size")
+        if world_size and self.optim.batch_size % world_size:
+            fits = [w for w in range(1, self.optim.batch_size + 1) if self.optim.batch_size % w == 0]
+            raise ValueError(
+                f"optim.batch_size={self.optim.batch_size} does not divide evenly over {world_size} workers; "
+                f"choose a batch size that is a multiple of {world_size} or a worker count in {fits[:12]}"
+            )
+        return self
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `data` with each `dotted.key=value` applied; values are parsed as YAML."""
+    result = json.loads(json.dumps(data))
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise SpecError(f"override {override!r} is not of the form section.field=value")
+        *parents, leaf = key.split(".")
+        node = result
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise SpecError(f"override {override!r}: {part!r} is not a section")
+            node = child
+        node[leaf] = yaml.safe_load(raw)
+    return result
+
+
+def load_spec(path: str | Path | None, overrides: list[str] = (), world_size: int | None = None) -> TrainSpec:
+    """Read a YAML spec (or the defaults when `path` is None), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise SpecError(f"spec file {path} does not exist") from None
+        except yaml.YAMLError as error:
+            raise SpecError(f"spec file {path} is not valid YAML: {error}") from None
+        if not isinstance(data, dict):
+            raise SpecError(f"spec file {path} must hold a mapping of sections (data, model, optim, ...)")
+    data = apply_overrides(data, list(overrides))
+    try:
+        return TrainSpec.model_validate(data, context={"world_size": world_size})
+    except ValidationError as error:
+        raise SpecError(describe_errors(error, source=str(path or "the spec"))) from None
+
+
+def describe_errors(error: ValidationError, source: str) -> str:
+    """One line per problem, named by its dotted field path, with a suggestion for misspelt fields."""
+    lines = [f"{source}: {error.error_count()} problem(s)"]
+    for problem in error.errors():
+        where = ".".join(str(part) for part in problem["loc"]) or "spec"
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden":
+            message = "unknown field" + _did_you_mean(problem["loc"])
+        elif "input" in problem and problem["type"] not in ("missing", "value_error"):
+            message += f" (got {problem['input']!r})"
+        lines.append(f"  {where}: {message}")
+    return "\n".join(lines)
+
+
+def _did_you_mean(location: tuple[Any, ...]) -> str:
+    model: type[BaseModel] = TrainSpec
+    for part in location[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return ""
+        model = field.annotation
+    close = difflib.get_close_matches(str(location[-1]), list(model.model_fields), n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid fields: {', '.join(model.model_fields)}"
+
+
+def spec_to_yaml(spec: TrainSpec) -> str:
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+
+
+def json_schema() -> dict[str, Any]:
+    return TrainSpec.model_json_schema()

@@ -1,0 +1,152 @@
+"""Builds the pieces of a pretraining run in a fixed order and runs the loop.
+
+One process, or one worker per process under torchrun:
+    barlow train specs/digits.yaml
+    torchrun --standalone --nproc-per-node 2 -m service train specs/digits.yaml
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from service import distributed
+from service.batchnorm import convert_sync_batchnorm
+from service.checkpoint import EpochCheckpoint
+from service.data import labelled_images, two_view_loader
+from service.export import export_backbone
+from service.loss import barlow_twins_loss
+from service.metrics import TrainingStats
+from service.model import BarlowTwins
+from service.optim import LearningRateSchedule, build_lars
+from service.spec import TrainSpec
+from service.transforms import two_view_pipelines
+
+log = logging.getLogger("barlow")
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    weights: Path
+    steps: int
+    last_loss: float | None
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Autocast and loss scaling for the spec's precision on the chosen device."""
+
+    dtype: torch.dtype | None
+    device_type: str
+
+    @classmethod
+    def choose(cls, precision: str, device: torch.device) -> Precision:
+        if precision == "fp32":
+            return cls(None, device.type)
+        if device.type == "cuda":
+            return cls(torch.float16 if precision == "fp16" else torch.bfloat16, "cuda")
+        if precision == "bf16":
+            return cls(torch.bfloat16, device.type)
+        log.warning("run.precision=fp16 needs CUDA; training in fp32 on %s", device.type)
+        return cls(None, device.type)
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(self.device_type, enabled=self.dtype == torch.float16)
+
+
+def train(spec: TrainSpec, command: str) -> TrainResult:
+    worker = distributed.start(spec.run.device)
+    try:
+        return _train(spec, command, worker)
+    finally:
+        distributed.stop()
+
+
+def _train(spec: TrainSpec, command: str, worker: distributed.Worker) -> TrainResult:
+    output = Path(spec.run.output)
+    torch.manual_seed(spec.run.seed)
+
+    images = labelled_images(spec.data, train=True)
+    loader, sampler = two_view_loader(
+        images, two_view_pipelines(spec.augment, spec.data.image_size),
+        global_batch=spec.optim.batch_size, rank=worker.rank, world_size=worker.world_size,
+        seed=spec.run.seed, workers=spec.data.workers, pin_memory=worker.device.type == "cuda",
+    )
+    steps_per_epoch = len(loader)
+
+    model = BarlowTwins(spec.model)
+    if worker.world_size > 1:
+        model = convert_sync_batchnorm(model)
+    model.to(worker.device)
+    channels_last = spec.run.channels_last and worker.device.type == "cuda"
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    trained = model
+    if worker.world_size > 1:
+        trained = DistributedDataParallel(model, device_ids=[worker.device.index] if worker.device.type == "cuda" else None)
+
+    optimizer = build_lars(model, spec.optim.weight_decay, spec.optim.momentum, spec.optim.eta)
+    schedule = LearningRateSchedule(
+        steps_per_epoch=steps_per_epoch, epochs=spec.optim.epochs, warmup_epochs=spec.optim.warmup_epochs,
+        batch_size=spec.optim.batch_size, lr_weights=spec.optim.lr_weights, lr_biases=spec.optim.lr_biases,
+    )
+    precision = Precision.choose(spec.run.precision, worker.device)
+    scaler = precision.grad_scaler()
+    # The logged loss is the reference's (times scale_loss); the gradient may be divided as the reference's was.
+    gradient_divisor = spec.loss.reference_world_size or 1
+
+    checkpoint = EpochCheckpoint(output, worker)
+    start_epoch = checkpoint.load(model=model, optimizer=optimizer, scaler=scaler)
+    if start_epoch:
+        log.info("resumed from %s at epoch %d", checkpoint.path, start_epoch)
+    total_steps = spec.optim.epochs * steps_per_epoch
+    stats = TrainingStats(output, command, total_steps=total_steps, enabled=worker.is_main)
+    stats.advance(start_epoch * steps_per_epoch)
+    log.info("training %s on %d worker(s), %s, %d steps per epoch, global batch %d", spec.model.backbone,
+             worker.world_size, worker.device, steps_per_epoch, spec.optim.batch_size)
+
+    last_loss = None
+    step = start_epoch * steps_per_epoch
+    try:
+        for epoch in range(start_epoch, spec.optim.epochs):
+            sampler.set_epoch(epoch)
+            for y1, y2 in loader:
+                y1 = y1.to(worker.device, non_blocking=True)
+                y2 = y2.to(worker.device, non_blocking=True)
+                if channels_last:
+                    y1 = y1.contiguous(memory_format=torch.channels_last)
+                    y2 = y2.contiguous(memory_format=torch.channels_last)
+                lr_weights, lr_biases = schedule.apply(optimizer, step)
+                optimizer.zero_grad(set_to_none=True)
+                with precision.autocast():
+                    z1, z2 = trained(y1, y2)
+                loss = barlow_twins_loss(z1, z2, spec.loss.lambd) * spec.loss.scale_loss
+                scaler.scale(loss / gradient_divisor).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                if step % spec.run.log_every == 0:
+                    last_loss = loss.item()
+                    stats.log(epoch=epoch, step=step, lr_weights=lr_weights, lr_biases=lr_biases, loss=last_loss)
+                stats.advance()
+                step += 1
+            checkpoint.save(epoch=epoch + 1, model=model, optimizer=optimizer, scaler=scaler,
+                            spec=spec.model_dump(mode="json"))
+    finally:
+        stats.close()
+
+    weights = output / f"{spec.model.backbone}.pth"
+    if worker.is_main:
+        weights = export_backbone(model, spec, output)
+    distributed.barrier()
+    return TrainResult(output=output, weights=weights, steps=step, last_loss=last_loss)

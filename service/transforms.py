@@ -1,0 +1,44 @@
+"""The two asymmetric augmentation pipelines of the reference, on torchvision.transforms.v2.
+
+Both act on a uint8 image tensor (decode once, build both views from it) and end with a normalised float tensor.
+Per view (reference `main.py`): RandomResizedCrop (bicubic), horizontal flip, ColorJitter(0.4, 0.4, 0.2, 0.1)
+with p=0.8, grayscale p=0.2, Gaussian blur sigma ~ U(0.1, 2) with p=1.0 / 0.1, solarization at 128 with
+p=0.0 / 0.2.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchvision.transforms import v2
+
+from service.spec import AugmentSpec
+
+JITTER = dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
+BLUR_SIGMA = (0.1, 2.0)
+SOLARIZE_THRESHOLD = 128  # on the 0..255 scale, as PIL's ImageOps.solarize
+
+
+def blur_kernel_size(image_size: int) -> int:
+    """An odd kernel of about 10% of the image (23 px at 224): wider than 3 sigma at the largest sigma."""
+    return max(3, int(0.1 * image_size) // 2 * 2 + 1)
+
+
+def view_pipeline(spec: AugmentSpec, image_size: int, view: int) -> v2.Compose:
+    """The pipeline of view 0 or view 1."""
+    return v2.Compose([
+        v2.RandomResizedCrop(
+            image_size, scale=spec.crop_scale, ratio=(3 / 4, 4 / 3),
+            interpolation=v2.InterpolationMode.BICUBIC, antialias=True,
+        ),
+        v2.RandomHorizontalFlip(p=spec.horizontal_flip),
+        v2.RandomApply([v2.ColorJitter(**JITTER)], p=spec.color_jitter),
+        v2.RandomGrayscale(p=spec.grayscale),
+        v2.RandomApply([v2.GaussianBlur(blur_kernel_size(image_size), sigma=BLUR_SIGMA)], p=spec.blur[view]),
+        v2.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=spec.solarize[view]),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=list(spec.mean), std=list(spec.std)),
+    ])
+
+
+def two_view_pipelines(spec: AugmentSpec, image_size: int) -> tuple[v2.Compose, v2.Compose]:
+    return view_pipeline(spec, image_size, 0), view_pipeline(spec, image_size, 1)
