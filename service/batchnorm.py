@@ -1,26 +1,33 @@
 """BatchNorm over the global batch on any device.
 
-torch's SyncBatchNorm runs only on accelerators. On the CPU (gloo) its layers compute the global statistics
-with differentiable all-reduces instead, so multi-process CPU runs are the same computation as GPU runs.
+On accelerators this is torch's SyncBatchNorm. torch's layer refuses the CPU (and DDP refuses it on CPU
+modules), so on the CPU every BatchNorm becomes a `GlobalBatchNorm` that computes the global statistics with
+differentiable all-reduces: multi-process CPU runs are then the same computation as GPU runs. The base class
+`_BatchNorm` is private in torch; this module is the only place that touches it.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from service.distributed import all_reduce_sum, world_size
 
 
-class SyncBatchNorm(nn.SyncBatchNorm):
-    """torch's SyncBatchNorm, plus a path for devices it does not support (the CPU)."""
+class GlobalBatchNorm(_BatchNorm):
+    """BatchNorm of any dimensionality whose training statistics are those of the global batch."""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.ndim < 2:
+            raise ValueError(f"expected at least 2D input, got {x.ndim}D")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or not self.training or world_size() == 1:
+        if not self.training or world_size() == 1:
             return super().forward(x)
         reduce_dims = [0, *range(2, x.ndim)]
         shape = [1, -1] + [1] * (x.ndim - 2)
-        count = all_reduce_sum(torch.tensor(float(x.numel() // x.shape[1])))
+        count = all_reduce_sum(torch.tensor(float(x.numel() // x.shape[1]), device=x.device))
         mean = all_reduce_sum(x.sum(reduce_dims)) / count
         centered = x - mean.view(shape)
         variance = all_reduce_sum(centered.square().sum(reduce_dims)) / count
@@ -36,10 +43,20 @@ class SyncBatchNorm(nn.SyncBatchNorm):
         return y
 
 
-def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every BatchNorm layer by a SyncBatchNorm that also runs on the CPU. Keys and state are unchanged."""
-    module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    for layer in module.modules():
-        if type(layer) is nn.SyncBatchNorm:
-            layer.__class__ = SyncBatchNorm  # same state, one more forward path
+def _to_global(module: nn.Module) -> nn.Module:
+    if isinstance(module, _BatchNorm):
+        converted = GlobalBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
+        converted.load_state_dict(module.state_dict())
+        return converted
+    for name, child in module.named_children():
+        setattr(module, name, _to_global(child))
     return module
+
+
+def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Make every BatchNorm layer normalise over the global batch. State-dict keys are unchanged."""
+    if device.type == "cpu":
+        return _to_global(module)
+    return nn.SyncBatchNorm.convert_sync_batchnorm(module)

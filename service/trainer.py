@@ -87,7 +87,7 @@ def _train(spec: TrainSpec, command: str, worker: distributed.Worker) -> TrainRe
 
     model = BarlowTwins(spec.model)
     if worker.world_size > 1:
-        model = convert_sync_batchnorm(model)
+        model = convert_sync_batchnorm(model, worker.device)
     model.to(worker.device)
     channels_last = spec.run.channels_last and worker.device.type == "cuda"
     if channels_last:
