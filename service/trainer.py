@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from service import distributed
@@ -24,7 +25,7 @@ from service.loss import barlow_twins_loss
 from service.metrics import TrainingStats
 from service.model import BarlowTwins
 from service.optim import LearningRateSchedule, build_lars
-from service.spec import TrainSpec
+from service.spec import LossSpec, TrainSpec
 from service.transforms import two_view_pipelines
 
 log = logging.getLogger("barlow")
@@ -65,6 +66,33 @@ class Precision:
         return torch.amp.GradScaler(self.device_type, enabled=self.dtype == torch.float16)
 
 
+def place_model(model: nn.Module, worker: distributed.Worker, channels_last: bool) -> tuple[nn.Module, nn.Module]:
+    """Move the model to the worker's device; returns (model, the module to train: DDP-wrapped when distributed)."""
+    if worker.world_size > 1:
+        model = convert_sync_batchnorm(model, worker.device)
+    model.to(worker.device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if worker.world_size == 1:
+        return model, model
+    device_ids = [worker.device.index] if worker.device.type == "cuda" else None
+    return model, DistributedDataParallel(model, device_ids=device_ids)
+
+
+def training_step(model, optimizer, scaler, precision: Precision, loss_spec: LossSpec,
+                  y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
+    """One optimisation step on this worker's share of the global batch; returns the (global) loss."""
+    optimizer.zero_grad(set_to_none=True)
+    with precision.autocast():
+        z1, z2 = model(y1, y2)
+    loss = barlow_twins_loss(z1, z2, loss_spec.lambd) * loss_spec.scale_loss
+    # The logged loss is the reference's; only the gradient is divided, as the reference's was, when asked.
+    scaler.scale(loss / (loss_spec.reference_world_size or 1)).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
+
+
 def train(spec: TrainSpec, command: str) -> TrainResult:
     worker = distributed.start(spec.run.device)
     try:
@@ -85,16 +113,8 @@ def _train(spec: TrainSpec, command: str, worker: distributed.Worker) -> TrainRe
     )
     steps_per_epoch = len(loader)
 
-    model = BarlowTwins(spec.model)
-    if worker.world_size > 1:
-        model = convert_sync_batchnorm(model, worker.device)
-    model.to(worker.device)
     channels_last = spec.run.channels_last and worker.device.type == "cuda"
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    trained = model
-    if worker.world_size > 1:
-        trained = DistributedDataParallel(model, device_ids=[worker.device.index] if worker.device.type == "cuda" else None)
+    model, trained = place_model(BarlowTwins(spec.model), worker, channels_last)
 
     optimizer = build_lars(model, spec.optim.weight_decay, spec.optim.momentum, spec.optim.eta)
     schedule = LearningRateSchedule(
@@ -103,8 +123,6 @@ def _train(spec: TrainSpec, command: str, worker: distributed.Worker) -> TrainRe
     )
     precision = Precision.choose(spec.run.precision, worker.device)
     scaler = precision.grad_scaler()
-    # The logged loss is the reference's (times scale_loss); the gradient may be divided as the reference's was.
-    gradient_divisor = spec.loss.reference_world_size or 1
 
     checkpoint = EpochCheckpoint(output, worker)
     start_epoch = checkpoint.load(model=model, optimizer=optimizer, scaler=scaler)
@@ -128,13 +146,7 @@ def _train(spec: TrainSpec, command: str, worker: distributed.Worker) -> TrainRe
                     y1 = y1.contiguous(memory_format=torch.channels_last)
                     y2 = y2.contiguous(memory_format=torch.channels_last)
                 lr_weights, lr_biases = schedule.apply(optimizer, step)
-                optimizer.zero_grad(set_to_none=True)
-                with precision.autocast():
-                    z1, z2 = trained(y1, y2)
-                loss = barlow_twins_loss(z1, z2, spec.loss.lambd) * spec.loss.scale_loss
-                scaler.scale(loss / gradient_divisor).backward()
-                scaler.step(optimizer)
-                scaler.update()
+                loss = training_step(trained, optimizer, scaler, precision, spec.loss, y1, y2)
                 if step % spec.run.log_every == 0:
                     last_loss = loss.item()
                     stats.log(epoch=epoch, step=step, lr_weights=lr_weights, lr_biases=lr_biases, loss=last_loss)

@@ -1,0 +1,52 @@
+"""Runs a few Barlow Twins steps on a fixed global batch; run it with 1 and with 2 torchrun workers.
+
+Each worker takes its contiguous slice of the global batch (as GlobalBatchSampler does). Rank 0 saves the loss
+and the gradients of the first step and the parameters after the last, for the test to compare.
+    torchrun --nproc-per-node 2 tests/distributed/parity_worker.py OUT.pt
+"""
+
+import sys
+
+import torch
+
+from service import distributed
+from service.model import BarlowTwins
+from service.optim import LearningRateSchedule, build_lars
+from service.spec import LossSpec, ModelSpec
+from service.trainer import Precision, place_model, training_step
+
+GLOBAL_BATCH = 16
+STEPS = 3
+
+
+def main(out: str, divisor: int | None) -> None:
+    worker = distributed.start("cpu")
+    torch.manual_seed(0)
+    model, trained = place_model(
+        BarlowTwins(ModelSpec(backbone="resnet18", stem="cifar", projector="64-32")), worker, channels_last=False
+    )
+    optimizer = build_lars(model, weight_decay=1e-6, momentum=0.9, eta=0.001)
+    schedule = LearningRateSchedule(steps_per_epoch=1, epochs=2 * STEPS, warmup_epochs=1, batch_size=GLOBAL_BATCH,
+                                    lr_weights=0.2, lr_biases=0.0048)
+    precision = Precision.choose("fp32", worker.device)
+    scaler = precision.grad_scaler()
+    generator = torch.Generator().manual_seed(1)
+    share = slice(worker.rank * GLOBAL_BATCH // worker.world_size, (worker.rank + 1) * GLOBAL_BATCH // worker.world_size)
+    record = {}
+    for step in range(STEPS):
+        y1, y2 = torch.randn(2, GLOBAL_BATCH, 3, 8, 8, generator=generator)
+        schedule.apply(optimizer, step + 1)
+        loss = training_step(trained, optimizer, scaler, precision, LossSpec(reference_world_size=divisor),
+                             y1[share], y2[share])
+        if step == 0:
+            record["loss"] = loss
+            record["grads"] = {name: p.grad.clone() for name, p in model.named_parameters()}
+    record["params"] = {name: p.detach().clone() for name, p in model.named_parameters()}
+    record["buffers"] = {name: b.clone() for name, b in model.named_buffers()}
+    if worker.is_main:
+        torch.save(record, out)
+    distributed.stop()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None)
