@@ -143,9 +143,9 @@ class OptimSpec(_Section):
 
     @model_validator(mode="after")
     def _warmup_within_training(self) -> OptimSpec:
-        if self.warmup_epochs >= self.epochs:
+        if self.warmup_epochs > self.epochs:
             raise ValueError(
-                f"optim.warmup_epochs ({self.warmup_epochs}) must be smaller than optim.epochs ({self.epochs})"
+                f"optim.warmup_epochs ({self.warmup_epochs}) cannot exceed optim.epochs ({self.epochs})"
             )
         return self
 

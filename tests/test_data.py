@@ -1,0 +1,105 @@
+"""Sampler and views: the same global batches and the same views whatever the world size and loader workers."""
+
+import pytest
+import torch
+from torchvision import tv_tensors
+
+from service.data import DataError, Digits, GlobalBatchSampler, TwoViews, digits_is_test, two_view_loader
+from service.spec import AugmentSpec
+from service.transforms import two_view_pipelines
+
+
+def global_batches(size: int, batch: int, world: int, seed: int, epoch: int) -> list[list[int]]:
+    """The global batches as the union of every rank's shares, in rank order."""
+    shares = []
+    for rank in range(world):
+        sampler = GlobalBatchSampler(size, batch, rank, world, seed)
+        sampler.set_epoch(epoch)
+        shares.append(list(sampler))
+    return [[index for rank in range(world) for _, index in shares[rank][b]] for b in range(len(shares[0]))]
+
+
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_global_batches_do_not_depend_on_world_size(world):
+    assert global_batches(100, 16, world, seed=3, epoch=5) == global_batches(100, 16, 1, seed=3, epoch=5)
+
+
+def test_epoch_is_a_permutation_without_repeats_and_drops_the_incomplete_batch():
+    batches = global_batches(100, 16, 2, seed=0, epoch=0)
+    flat = [index for batch in batches for index in batch]
+    assert len(batches) == 6 and all(len(batch) == 16 for batch in batches)
+    assert len(set(flat)) == 96 and set(flat) <= set(range(100))
+
+
+def test_epochs_and_seeds_reorder():
+    assert global_batches(64, 8, 1, 0, 0) != global_batches(64, 8, 1, 0, 1)
+    assert global_batches(64, 8, 1, 0, 0) != global_batches(64, 8, 1, 1, 0)
+
+
+def test_start_batch_skips_exactly_the_trained_batches():
+    sampler = GlobalBatchSampler(100, 16, 1, 2, seed=0)
+    sampler.set_epoch(2)
+    full = list(sampler)
+    sampler.set_epoch(2, start_batch=4)
+    assert list(sampler) == full[4:] and len(sampler) == 2
+
+
+def test_keys_carry_the_epoch():
+    sampler = GlobalBatchSampler(32, 8, 0, 1, seed=0)
+    sampler.set_epoch(7)
+    assert {epoch for batch in sampler for epoch, _ in batch} == {7}
+
+
+def test_dataset_smaller_than_a_batch_is_a_clear_error():
+    with pytest.raises(DataError, match="lower optim.batch_size"):
+        GlobalBatchSampler(10, 16, 0, 1, seed=0)
+
+
+def make_views(seed=0):
+    images = Digits(16)
+    return images, TwoViews(images, two_view_pipelines(AugmentSpec(blur=(0.5, 0.5)), 16), seed)
+
+
+def test_views_are_a_function_of_seed_epoch_and_index():
+    _, views = make_views()
+    first = views[(3, 10)]
+    torch.manual_seed(1234)  # the global RNG state must not matter
+    again = views[(3, 10)]
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.equal(first[0], first[1])  # two different views
+    assert not torch.equal(views[(4, 10)][0], first[0])  # another epoch, other views
+    assert not torch.equal(make_views(seed=1)[1][(3, 10)][0], first[0])
+
+
+def test_views_leave_the_global_rng_alone():
+    _, views = make_views()
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    views[(0, 0)]
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_loader_processes_do_not_change_the_batches():
+    images = Digits(16)
+    pipelines = two_view_pipelines(AugmentSpec(), 16)
+    batches = {}
+    for workers in (0, 2):
+        loader, sampler = two_view_loader(images, pipelines, global_batch=32, rank=1, world_size=2, seed=0,
+                                          workers=workers, pin_memory=False)
+        sampler.set_epoch(1)
+        batches[workers] = list(loader)
+    assert len(batches[0]) == len(batches[2]) == len(images) // 32
+    for (a1, a2), (b1, b2) in zip(batches[0], batches[2]):
+        assert torch.equal(a1, b1) and torch.equal(a2, b2)
+        assert a1.shape == (16, 3, 16, 16)
+
+
+def test_digits_split_is_fixed_disjoint_and_covers_every_class():
+    train, test = Digits(8, train=True), Digits(8, train=False)
+    assert len(train) + len(test) == 1797
+    assert abs(len(test) / 1797 - 0.4) < 0.01
+    assert set(train.targets) == set(test.targets) == set(range(10))
+    image, label = train[0]
+    assert isinstance(image, tv_tensors.Image) and image.dtype == torch.uint8 and image.shape == (3, 8, 8)
+    assert not digits_is_test(0) and digits_is_test(1)

@@ -1,0 +1,69 @@
+"""The network: torchvision backbones with the reference's changes, the projector, the export format."""
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from service.batchnorm import GlobalBatchNorm, convert_sync_batchnorm
+from service.export import backbone_state_dict
+from service.model import BarlowTwins, build_backbone, build_projector
+from service.spec import ModelSpec
+
+
+def test_projector_layers_follow_the_reference():
+    projector = build_projector(2048, [8192, 8192, 8192])
+    kinds = [type(layer) for layer in projector]
+    assert kinds == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+    linears = [layer for layer in projector if isinstance(layer, nn.Linear)]
+    assert [(l.in_features, l.out_features) for l in linears] == [(2048, 8192), (8192, 8192), (8192, 8192)]
+    assert all(l.bias is None for l in linears)
+    # ~151M parameters in the reference's projector, 23.5M in the backbone
+    assert 150e6 < sum(p.numel() for p in projector.parameters()) < 152e6
+
+
+def test_backbone_is_torchvision_resnet50_with_zero_init_residual_and_no_fc():
+    backbone = build_backbone("resnet50")
+    assert isinstance(backbone.fc, nn.Identity)
+    assert all(torch.count_nonzero(block.bn3.weight) == 0 for layer in (backbone.layer1, backbone.layer4)
+               for block in layer)
+    assert 23.4e6 < sum(p.numel() for p in backbone.parameters()) < 23.6e6
+    assert backbone(torch.randn(2, 3, 64, 64)).shape == (2, 2048)
+
+
+def test_cifar_stem_keeps_small_images_resolution():
+    backbone = build_backbone("resnet18", "cifar")
+    assert backbone.conv1.kernel_size == (3, 3) and backbone.conv1.stride == (1, 1)
+    assert isinstance(backbone.maxpool, nn.Identity)
+    assert backbone(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+
+
+def test_model_returns_one_embedding_per_view():
+    model = BarlowTwins(ModelSpec(backbone="resnet18", stem="cifar", projector="64-32"))
+    z1, z2 = model(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))
+    assert z1.shape == z2.shape == (4, 32) and not torch.equal(z1, z2)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_exported_backbone_loads_into_torchvision_without_fc(name):
+    model = BarlowTwins(ModelSpec(backbone=name, projector="32"))
+    state = backbone_state_dict(model)
+    assert not any(key.startswith("fc.") for key in state)
+    reference = getattr(torchvision.models, name)()
+    missing, unexpected = reference.load_state_dict(state, strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+
+
+def test_global_batchnorm_conversion_keeps_keys_and_single_process_behaviour():
+    torch.manual_seed(0)
+    model = BarlowTwins(ModelSpec(backbone="resnet18", stem="cifar", projector="64-32"))
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    x = torch.randn(6, 3, 8, 8), torch.randn(6, 3, 8, 8)
+    expected = model(*x)
+    model.load_state_dict(before)
+    converted = convert_sync_batchnorm(model, torch.device("cpu"))
+    assert any(isinstance(m, GlobalBatchNorm) for m in converted.modules())
+    assert not any(type(m) in (nn.BatchNorm1d, nn.BatchNorm2d) for m in converted.modules())
+    assert converted.state_dict().keys() == before.keys()
+    for got, want in zip(converted(*x), expected):
+        torch.testing.assert_close(got, want)
