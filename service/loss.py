@@ -37,7 +37,8 @@ def cross_correlation(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"both views need embeddings of one shape (N, D), got {tuple(z1.shape)} and {tuple(z2.shape)}")
     # Autocast would run the D x D product in half precision; the loss is computed in fp32 (cf. reference issue #53).
     with torch.autocast(device_type=z1.device.type, enabled=False):
-        z1, z2 = z1.float(), z2.float()
+        dtype = torch.promote_types(z1.dtype, torch.float32)  # fp32 at least, float64 stays float64
+        z1, z2 = z1.to(dtype), z2.to(dtype)
         global_count = all_reduce_sum(torch.tensor(float(z1.shape[0]), device=z1.device))
         n1 = _normalize_over_global_batch(z1, global_count)
         n2 = _normalize_over_global_batch(z2, global_count)

@@ -93,7 +93,8 @@ def test_rerun_resumes_from_the_last_epoch_checkpoint(tmp_path):
     result = barlow("train", DIGITS, *common, "--set", "optim.epochs=2")
     assert result.returncode == 0, result.stderr[-3000:]
     text = (output / "stats.txt").read_text().splitlines()
-    resumed = [json.loads(line) for line in text[text.index(text[0], 1) + 1:]]
+    second_start = [i for i, line in enumerate(text) if line.startswith("barlow ")][1]
+    resumed = [json.loads(line) for line in text[second_start + 1:]]
     assert [line["step"] for line in resumed] == list(range(8, 16)) and {l["epoch"] for l in resumed} == {1}
     assert "resumed from" in result.stderr
     second_backbone = torch.load(output / "resnet18.pth", weights_only=True)
