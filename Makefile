@@ -18,11 +18,11 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 ## demo: pretrain on the built-in digits with 2 torchrun workers on the CPU
-demo: setup
-	$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m service train $(SPEC)
+demo: train
 
-## train: any spec, e.g. make train SPEC=specs/cifar10.yaml NPROC=8
-train: demo
+## train: any spec on this machine, e.g. make train SPEC=specs/cifar10.yaml NPROC=8
+train: setup
+	$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m service train $(SPEC)
 
 ## test: the whole suite (unit, multi-process, end-to-end)
 test: setup
