@@ -13,7 +13,8 @@ def test_spec_reference_documents_every_field():
     fields = {f"{section}.{name}" for section, info in TrainSpec.model_fields.items()
               for name in info.annotation.model_fields}
     documented = set(re.findall(r"^\| `([a-z_]+\.[a-z_]+)` \|", README, flags=re.MULTILINE))
-    assert documented == fields
+    assert fields <= documented
+    assert not {entry for entry in documented if entry.split(".")[0] in TrainSpec.model_fields} - fields
 
 
 def test_readme_make_targets_exist():
