@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import torch
 import torchvision
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -72,16 +73,16 @@ class Cifar10(Dataset):
 
 
 def decode_image_file(path: str) -> tv_tensors.Image:
-    """Decode a JPEG/PNG/... file to a 3-channel uint8 image; a corrupt file is named in the error."""
+    """Decode an image file with PIL (as the reference) to a 3-channel uint8 image; a corrupt file is named."""
     try:
-        data = torchvision.io.read_file(path)
-        return tv_tensors.Image(torchvision.io.decode_image(data, mode=torchvision.io.ImageReadMode.RGB))
-    except RuntimeError as error:
+        with PIL.Image.open(path) as image:
+            return v2.functional.to_image(image.convert("RGB"))
+    except (OSError, PIL.UnidentifiedImageError) as error:
         raise DataError(f"cannot decode image {path}: {error}. Remove or replace the file.") from None
 
 
 class ImageFolder(torchvision.datasets.ImageFolder):
-    """An ImageNet-style folder (`root/train/<class>/<image>`), decoded with torchvision.io."""
+    """An ImageNet-style folder (`root/train/<class>/<image>`)."""
 
     def __init__(self, root: str, split: str = "train"):
         folder = Path(root) / split
