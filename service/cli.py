@@ -15,9 +15,11 @@ import shlex
 import sys
 
 from service import distributed
+from service.checkpoint import CheckpointError
 from service.data import DataError
 from service.metrics import NonFiniteLoss
 from service.spec import SpecError, json_schema, load_spec, spec_to_yaml
+from service.storage import StorageError
 
 log = logging.getLogger("barlow")
 
@@ -72,10 +74,14 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_spec(args.spec, args.overrides, world_size=distributed.launched_world_size())
         result = train(spec, command=shlex.join(["barlow", *sys.argv[1:]] if argv is None else ["barlow", *argv]))
         if os.environ.get("RANK", "0") == "0":
-            print(f"done: {result.steps} steps; stats {result.output / 'stats.txt'}; "
-                  f"backbone {result.weights}; spec {result.output / 'spec.yaml'}")
+            if result.preempted:
+                print(f"stopped by SIGTERM after {result.steps} steps; checkpoint under {result.output}/checkpoints; "
+                      "run the same command to resume")
+            else:
+                print(f"done: {result.steps} steps; stats {result.output}/stats.txt; backbone {result.weights}; "
+                      f"spec {result.output}/spec.yaml; checkpoints {result.output}/checkpoints")
         return 0
-    except (SpecError, DataError, NonFiniteLoss) as error:
+    except (SpecError, DataError, NonFiniteLoss, StorageError, CheckpointError) as error:
         print(f"barlow: {error}", file=sys.stderr)
         return 2
 

@@ -85,3 +85,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def new_cpu_group():
+    """A separate gloo group (collective: every worker must call it in the same order); None in a world of one.
+
+    Checkpoint uploads and the pre-emption vote run their collectives there, off the training step's group.
+    """
+    if world_size() == 1:
+        return None
+    return dist.new_group(backend="gloo")

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from service.spec import TrainSpec, spec_to_yaml
+from service.spec import StorageSpec, TrainSpec, spec_to_yaml
+from service.storage import filesystem
 
 
 def backbone_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -17,10 +16,19 @@ def backbone_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {key: value.detach().cpu().clone() for key, value in model.backbone.state_dict().items()}
 
 
-def export_backbone(model: nn.Module, spec: TrainSpec, output: Path) -> Path:
-    """Write `<backbone>.pth` and the resolved spec beside it; returns the weights' path."""
-    output.mkdir(parents=True, exist_ok=True)
-    path = output / f"{spec.model.backbone}.pth"
-    torch.save(backbone_state_dict(model), path)
-    (output / "spec.yaml").write_text(spec_to_yaml(spec))
-    return path
+def write_backbone(state: dict[str, torch.Tensor], url: str, storage: StorageSpec) -> None:
+    """Save a backbone state_dict to a path or URL."""
+    fs, path = filesystem(url, storage)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "wb") as file:
+        torch.save(state, file)
+
+
+def export_backbone(model: nn.Module, spec: TrainSpec) -> str:
+    """Write `<backbone>.pth` and the resolved spec into the run's output; returns the weights' URL."""
+    output = spec.run.output.rstrip("/")
+    url = f"{output}/{spec.model.backbone}.pth"
+    write_backbone(backbone_state_dict(model), url, spec.storage)
+    fs, path = filesystem(output, spec.storage)
+    fs.pipe_file(f"{path}/spec.yaml", spec_to_yaml(spec).encode())
+    return url

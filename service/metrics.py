@@ -6,8 +6,12 @@ import json
 import logging
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+from service.spec import StorageSpec
+from service.storage import explain, filesystem, is_remote
 
 log = logging.getLogger("barlow")
 
@@ -23,7 +27,7 @@ class TrainingStats:
     the start. Only the main worker writes; the others keep the guard.
     """
 
-    def __init__(self, output: Path, command: str, *, total_steps: int, enabled: bool):
+    def __init__(self, output: str, storage: StorageSpec, command: str, *, total_steps: int, enabled: bool):
         self.enabled = enabled
         self.start = time.time()
         self.total_steps = total_steps
@@ -31,8 +35,16 @@ class TrainingStats:
         self.file = None
         if not enabled:
             return
-        output.mkdir(parents=True, exist_ok=True)
-        self.file = open(output / "stats.txt", "a", buffering=1)
+        # Object stores cannot append: a local copy is appended to and uploaded whole by sync().
+        self.fs, self.remote_path = filesystem(f"{output.rstrip('/')}/stats.txt", storage)
+        if is_remote(output):
+            self.local_path = Path(tempfile.mkdtemp(prefix="barlow-stats-")) / "stats.txt"
+            if self.fs.exists(self.remote_path):
+                self.fs.get_file(self.remote_path, str(self.local_path))
+        else:
+            self.local_path = Path(self.remote_path)
+            self.local_path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.local_path, "a", buffering=1)
         print(command, file=self.file)
         if sys.stderr.isatty():
             from tqdm import tqdm
@@ -56,6 +68,14 @@ class TrainingStats:
                          self.total_steps, loss, lr_weights, lr_biases)
         return stats
 
+    def sync(self) -> None:
+        """Upload the stats to a remote output (a no-op for local folders)."""
+        if self.file is not None and str(self.local_path) != self.remote_path:
+            try:
+                self.fs.put_file(str(self.local_path), self.remote_path)
+            except Exception as error:  # noqa: BLE001 - stats are uploaded again at the next sync
+                log.warning("could not upload stats.txt now: %s", explain(self.remote_path, error))
+
     def advance(self, steps: int = 1) -> None:
         if self.progress is not None:
             self.progress.update(steps)
@@ -65,3 +85,4 @@ class TrainingStats:
             self.progress.close()
         if self.file is not None:
             self.file.close()
+            self.sync()

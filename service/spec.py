@@ -151,8 +151,10 @@ class OptimSpec(_Section):
 
 
 class RunSpec(_Section):
-    output: str = Field("./checkpoint", description="Folder for stats.txt, checkpoints and the exported backbone "
-                        "(reference: ./checkpoint).")
+    output: str = Field(
+        "./checkpoint", description="Where the run lives: a folder or an fsspec URL (s3://bucket/runs/name, gs://, "
+        "file://, memory://) for stats.txt, checkpoints/ and the exported backbone (reference: ./checkpoint)."
+    )
     seed: int = Field(0, ge=0, description="Seed of the model initialisation, the data order and every augmentation.")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp16", description="Autocast precision on CUDA (reference: fp16 with a GradScaler). On the CPU, bf16 uses "
@@ -161,6 +163,36 @@ class RunSpec(_Section):
     channels_last: bool = Field(True, description="Use the channels_last memory format for the convolutions on CUDA.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: CUDA when available, else the CPU.")
     log_every: int = Field(100, ge=1, description="Steps between stats lines (reference: 100).")
+
+
+class StorageSpec(_Section):
+    """Where `run.output` lives when it is a URL. Credentials come from the standard AWS chain (environment
+    variables, AWS_PROFILE / `profile`, web identity for IRSA), never from the spec."""
+
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, Ceph, R2, a test server); unset: AWS S3."
+    )
+    region: str | None = Field(None, description="S3 region; unset: from the AWS configuration.")
+    profile: str | None = Field(None, description="AWS profile name from ~/.aws; unset: the default chain.")
+    retries: int = Field(5, ge=0, le=20, description="Attempts, with exponential backoff, for transient storage errors.")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Extra fsspec options for the output's filesystem (e.g. for gs://)."
+    )
+
+
+class CheckpointSpec(_Section):
+    every_steps: int | None = Field(
+        None, ge=1, description="Save every this many steps (unset: only per epoch). A lost node costs at most this many steps."
+    )
+    every_epochs: int | None = Field(1, ge=1, description="Save at the end of every this many epochs (reference: 1).")
+    keep_last: int = Field(2, ge=2, description="Valid checkpoints kept; older ones are deleted once a newer one is committed.")
+    keep_every_epochs: int | None = Field(
+        None, ge=1, description="Also keep, forever, the end-of-epoch checkpoints of every this many epochs."
+    )
+    resume: str = Field(
+        "auto", description="`auto`: continue from the newest valid checkpoint under `run.output`, or start fresh; "
+        "`none`: always start fresh; a checkpoint URL (…/checkpoints/step-000123): continue from that one."
+    )
 
 
 class TrainSpec(_Section):
@@ -172,6 +204,8 @@ class TrainSpec(_Section):
     loss: LossSpec = Field(default_factory=LossSpec)
     optim: OptimSpec = Field(default_factory=OptimSpec)
     run: RunSpec = Field(default_factory=RunSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
 
     @model_validator(mode="after")
     def _data_path_when_needed(self) -> TrainSpec:

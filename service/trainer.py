@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,13 +17,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from service import distributed
 from service.batchnorm import convert_sync_batchnorm
-from service.checkpoint import EpochCheckpoint
+from service.checkpoint import CheckpointManager
 from service.data import labelled_images, two_view_loader
 from service.export import export_backbone
 from service.loss import barlow_twins_loss
 from service.metrics import TrainingStats
 from service.model import BarlowTwins
 from service.optim import LearningRateSchedule, build_lars
+from service.preemption import Preemption
 from service.spec import LossSpec, TrainSpec
 from service.transforms import two_view_pipelines
 
@@ -33,10 +33,12 @@ log = logging.getLogger("barlow")
 
 @dataclass
 class TrainResult:
-    output: Path
-    weights: Path
+    output: str
+    weights: str
     steps: int
     last_loss: float | None
+    preempted: bool
+    failed_checkpoints: list[int]
 
 
 @dataclass(frozen=True)
@@ -102,9 +104,7 @@ def train(spec: TrainSpec, command: str) -> TrainResult:
 
 
 def _train(spec: TrainSpec, command: str, worker: distributed.Worker) -> TrainResult:
-    output = Path(spec.run.output)
     torch.manual_seed(spec.run.seed)
-
     images = labelled_images(spec.data, train=True)
     loader, sampler = two_view_loader(
         images, two_view_pipelines(spec.augment, spec.data.image_size),
@@ -112,10 +112,10 @@ def _train(spec: TrainSpec, command: str, worker: distributed.Worker) -> TrainRe
         seed=spec.run.seed, workers=spec.data.workers, pin_memory=worker.device.type == "cuda",
     )
     steps_per_epoch = len(loader)
+    total_steps = spec.optim.epochs * steps_per_epoch
 
     channels_last = spec.run.channels_last and worker.device.type == "cuda"
     model, trained = place_model(BarlowTwins(spec.model), worker, channels_last)
-
     optimizer = build_lars(model, spec.optim.weight_decay, spec.optim.momentum, spec.optim.eta)
     schedule = LearningRateSchedule(
         steps_per_epoch=steps_per_epoch, epochs=spec.optim.epochs, warmup_epochs=spec.optim.warmup_epochs,
@@ -124,21 +124,23 @@ def _train(spec: TrainSpec, command: str, worker: distributed.Worker) -> TrainRe
     precision = Precision.choose(spec.run.precision, worker.device)
     scaler = precision.grad_scaler()
 
-    checkpoint = EpochCheckpoint(output, worker)
-    start_epoch = checkpoint.load(model=model, optimizer=optimizer, scaler=scaler)
-    if start_epoch:
-        log.info("resumed from %s at epoch %d", checkpoint.path, start_epoch)
-    total_steps = spec.optim.epochs * steps_per_epoch
-    stats = TrainingStats(output, command, total_steps=total_steps, enabled=worker.is_main)
-    stats.advance(start_epoch * steps_per_epoch)
+    checkpointer = CheckpointManager(
+        run_url=spec.run.output, spec=spec.checkpoint, storage=spec.storage, worker=worker, model=model,
+        optimizer=optimizer, scaler=scaler, steps_per_epoch=steps_per_epoch, resolved_spec=spec.model_dump(mode="json"),
+    )
+    step = checkpointer.restore()
+    stats = TrainingStats(spec.run.output, spec.storage, command, total_steps=total_steps, enabled=worker.is_main)
+    stats.advance(step)
+    preemption = Preemption()
     log.info("training %s on %d worker(s), %s, %d steps per epoch, global batch %d", spec.model.backbone,
              worker.world_size, worker.device, steps_per_epoch, spec.optim.batch_size)
 
     last_loss = None
-    step = start_epoch * steps_per_epoch
+    preempted = False
     try:
-        for epoch in range(start_epoch, spec.optim.epochs):
-            sampler.set_epoch(epoch)
+        first_epoch, first_batch = divmod(step, steps_per_epoch)
+        for epoch in range(first_epoch, spec.optim.epochs):
+            sampler.set_epoch(epoch, start_batch=first_batch if epoch == first_epoch else 0)
             for y1, y2 in loader:
                 y1 = y1.to(worker.device, non_blocking=True)
                 y2 = y2.to(worker.device, non_blocking=True)
@@ -152,13 +154,25 @@ def _train(spec: TrainSpec, command: str, worker: distributed.Worker) -> TrainRe
                     stats.log(epoch=epoch, step=step, lr_weights=lr_weights, lr_biases=lr_biases, loss=last_loss)
                 stats.advance()
                 step += 1
-            checkpoint.save(epoch=epoch + 1, model=model, optimizer=optimizer, scaler=scaler,
-                            spec=spec.model_dump(mode="json"))
+                if preemption.agreed():
+                    checkpointer.save(step, wait=True)
+                    preempted = True
+                    break
+                if checkpointer.due(step):
+                    checkpointer.save(step)
+                    stats.sync()
+            if preempted:
+                break
+        if not preempted and checkpointer.last_saved_step != step:
+            checkpointer.save(step, wait=True)
     finally:
+        preemption.close()
+        checkpointer.close()
         stats.close()
 
-    weights = output / f"{spec.model.backbone}.pth"
-    if worker.is_main:
-        weights = export_backbone(model, spec, output)
+    weights = f"{spec.run.output.rstrip('/')}/{spec.model.backbone}.pth"
+    if worker.is_main and not preempted:
+        weights = export_backbone(model, spec)
     distributed.barrier()
-    return TrainResult(output=output, weights=weights, steps=step, last_loss=last_loss)
+    return TrainResult(output=spec.run.output, weights=weights, steps=step, last_loss=last_loss,
+                       preempted=preempted, failed_checkpoints=checkpointer.failed)

@@ -1,0 +1,104 @@
+"""Object storage through fsspec: one place that turns a run URL and the spec's storage settings into a
+filesystem, and storage failures into messages that say what to do.
+
+Credentials are never read from the spec and never printed: S3 uses the standard AWS chain (environment, profile,
+web identity for IRSA on EKS).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from service.spec import StorageSpec
+
+log = logging.getLogger("barlow")
+T = TypeVar("T")
+
+
+class StorageError(RuntimeError):
+    """The run's storage cannot be used; the message names the URL and the likely cause."""
+
+
+def is_remote(url: str) -> bool:
+    protocol = fsspec.utils.get_protocol(url)
+    return protocol not in ("file", "local")
+
+
+def fsspec_options(url: str, spec: StorageSpec) -> dict[str, Any]:
+    """The fsspec options of `url`'s filesystem for the spec's storage settings."""
+    options = dict(spec.options)
+    if fsspec.utils.get_protocol(url) in ("s3", "s3a"):
+        if spec.endpoint_url:
+            options.setdefault("endpoint_url", spec.endpoint_url)
+        if spec.profile:
+            options.setdefault("profile", spec.profile)
+        if spec.region:
+            options.setdefault("client_kwargs", {}).setdefault("region_name", spec.region)
+        options.setdefault("retries", spec.retries)
+        config = options.setdefault("config_kwargs", {})
+        config.setdefault("retries", {"max_attempts": spec.retries + 1, "mode": "standard"})
+        config.setdefault("connect_timeout", 10)
+        config.setdefault("read_timeout", 120)
+    return options
+
+
+def filesystem(url: str, spec: StorageSpec) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and the protocol-less path of `url`."""
+    try:
+        return url_to_fs(url, **fsspec_options(url, spec))
+    except ImportError as error:
+        raise StorageError(f"{url}: no filesystem installed for this protocol ({error})") from None
+
+
+def explain(url: str, error: BaseException) -> str:
+    """A one-line cause for a storage failure, without credentials."""
+    name = type(error).__name__
+    text = str(error)
+    if name == "NoCredentialsError" or "Unable to locate credentials" in text:
+        cause = ("no credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE (storage.profile), "
+                 "or a service account with IRSA")
+    elif isinstance(error, PermissionError) or any(
+        code in text for code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden")
+    ):
+        cause = "access denied: the credentials are wrong or lack permission for this bucket"
+    elif isinstance(error, FileNotFoundError) or "NoSuchBucket" in text:
+        cause = "the bucket or folder does not exist: create it, or fix the URL"
+    elif "Could not connect" in text or "Connect timeout" in text or "EndpointConnectionError" in name or isinstance(
+        error, (ConnectionError, TimeoutError)
+    ):
+        cause = "cannot reach the storage endpoint: check storage.endpoint_url, the network and the region"
+    else:
+        cause = f"{name}: {text.splitlines()[0] if text else 'no detail'}"
+    return f"{url}: {cause}"
+
+
+def check_writable(url: str, spec: StorageSpec) -> None:
+    """Fail fast, before any training, when the run's location cannot be written."""
+    fs, path = filesystem(url, spec)
+    probe = f"{path.rstrip('/')}/.barlow-write-check"
+    try:
+        fs.makedirs(path, exist_ok=True)
+        fs.pipe_file(probe, b"ok")
+        fs.rm_file(probe)
+    except Exception as error:  # noqa: BLE001 - every failure here means the same thing to the user
+        raise StorageError(explain(url, error)) from None
+
+
+def retry(action: Callable[[], T], what: str, attempts: int = 5, first_delay: float = 0.5) -> T:
+    """Run `action`, retrying transient failures with exponential backoff; the last failure propagates."""
+    for attempt in range(attempts):
+        try:
+            return action()
+        except (OSError, TimeoutError) as error:
+            if attempt == attempts - 1 or isinstance(error, (FileNotFoundError, PermissionError)):
+                raise
+            delay = first_delay * 2**attempt
+            log.warning("%s failed (%s); retrying in %.1f s", what, type(error).__name__, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
