@@ -45,12 +45,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _configure_logging() -> None:
+    """The service's own log lines only (rank 0 at INFO), not those of the libraries it uses."""
     rank = os.environ.get("RANK", "0")
-    logging.basicConfig(
-        level=logging.INFO if rank == "0" else logging.WARNING,
-        format=f"%(asctime)s [rank {rank}] %(message)s" if "RANK" in os.environ else "%(asctime)s %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    handler = logging.StreamHandler()
+    prefix = f"[rank {rank}] " if "RANK" in os.environ else ""
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO if rank == "0" else logging.WARNING)
+    log.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,6 @@ def fsspec_options(url: str, spec: StorageSpec) -> dict[str, Any]:
             options.setdefault("profile", spec.profile)
         if spec.region:
             options.setdefault("client_kwargs", {}).setdefault("region_name", spec.region)
-        options.setdefault("retries", spec.retries)
         config = options.setdefault("config_kwargs", {})
         config.setdefault("retries", {"max_attempts": spec.retries + 1, "mode": "standard"})
         config.setdefault("connect_timeout", 10)
@@ -79,11 +78,12 @@ def explain(url: str, error: BaseException) -> str:
 
 
 def check_writable(url: str, spec: StorageSpec) -> None:
-    """Fail fast, before any training, when the run's location cannot be written."""
-    fs, path = filesystem(url, spec)
+    """Fail fast, before any training, when the run's location cannot be written (one quick attempt)."""
+    fs, path = filesystem(url, spec.model_copy(update={"retries": 0}))
     probe = f"{path.rstrip('/')}/.barlow-write-check"
     try:
-        fs.makedirs(path, exist_ok=True)
+        if not is_remote(url):
+            fs.makedirs(path, exist_ok=True)  # on object stores this would create a missing bucket
         fs.pipe_file(probe, b"ok")
         fs.rm_file(probe)
     except Exception as error:  # noqa: BLE001 - every failure here means the same thing to the user
