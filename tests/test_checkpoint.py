@@ -1,0 +1,255 @@
+"""The checkpoint manager against real storage: a moto S3 server, local folders and fsspec's memory store."""
+
+import json
+import logging
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import fsspec
+import pytest
+import torch
+
+from service.checkpoint import CheckpointError, CheckpointManager, inspect_checkpoint, list_checkpoints
+from service.cli import main
+from service.distributed import Worker
+from service.model import BarlowTwins
+from service.optim import build_lars
+from service.spec import CheckpointSpec, ModelSpec, StorageSpec, TrainSpec
+from service.storage import StorageError, filesystem
+from tests.s3_server import S3Server
+
+MODEL = ModelSpec(backbone="resnet18", stem="cifar", projector="32-16")
+WORKER = Worker(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+class Training:
+    """A tiny model, its LARS optimizer and a manager, trained a step at a time."""
+
+    def __init__(self, run_url, storage=StorageSpec(), model=MODEL, seed=0, **checkpoint):
+        torch.manual_seed(seed)
+        self.model = BarlowTwins(model)
+        self.optimizer = build_lars(self.model, weight_decay=1e-6, momentum=0.9, eta=0.001)
+        for group in self.optimizer.param_groups:
+            group["lr"] = 0.1
+        self.scaler = torch.amp.GradScaler("cpu", enabled=False)
+        spec = TrainSpec.model_validate({"data": {"dataset": "digits"}, "model": model.model_dump(),
+                                         "run": {"output": run_url}})
+        self.manager = CheckpointManager(
+            run_url=run_url, spec=CheckpointSpec(**checkpoint), storage=storage, worker=WORKER, model=self.model,
+            optimizer=self.optimizer, scaler=self.scaler, steps_per_epoch=4,
+            resolved_spec=spec.model_dump(mode="json"),
+        )
+
+    def step(self, seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        z1, z2 = self.model(torch.randn(4, 3, 8, 8, generator=generator), torch.randn(4, 3, 8, 8, generator=generator))
+        self.optimizer.zero_grad()
+        (z1 - z2).square().mean().backward()
+        self.optimizer.step()
+
+    def state(self) -> dict:
+        momentum = {f"mu.{i}": self.optimizer.state[p]["mu"] for i, p in enumerate(self.model.parameters())
+                    if p in self.optimizer.state}
+        return {**self.model.state_dict(), **momentum}
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture(params=["s3", "file", "memory"])
+def run_url(request, tmp_path):
+    if request.param == "s3":
+        yield request.getfixturevalue("s3_bucket") + "/runs/test"
+    elif request.param == "file":
+        yield f"file://{tmp_path}/run"
+    else:
+        name = f"memory://run-{time.monotonic_ns()}"
+        yield name
+        fsspec.filesystem("memory").rm(name.removeprefix("memory://"), recursive=True)
+
+
+def storage_for(url: str, request) -> StorageSpec:
+    if url.startswith("s3://"):
+        return StorageSpec(endpoint_url=request.getfixturevalue("s3_server").endpoint_url)
+    return StorageSpec()
+
+
+def test_round_trip_restores_model_momentum_and_step(run_url, request):
+    storage = storage_for(run_url, request)
+    first = Training(run_url, storage)
+    for seed in range(3):
+        first.step(seed)
+    first.manager.save(3, wait=True)
+    first.manager.close()
+
+    second = Training(run_url, storage, seed=1)  # another initialisation, replaced by the checkpoint
+    assert second.manager.restore() == 3
+    assert_same_state(second.state(), first.state())
+    first.step(10), second.step(10)  # and training goes on identically
+    assert_same_state(second.state(), first.state())
+
+
+def test_manifest_lists_every_object_with_its_size_and_crc32(s3_bucket, s3_server):
+    storage = StorageSpec(endpoint_url=s3_server.endpoint_url)
+    training = Training(f"{s3_bucket}/run", storage)
+    training.step(0)
+    training.manager.save(5, wait=True)
+    (checkpoint,) = list_checkpoints(f"{s3_bucket}/run", storage)
+    assert checkpoint.valid and checkpoint.step == 5 and checkpoint.url.endswith("/checkpoints/step-000000005")
+    manifest = checkpoint.manifest
+    assert (manifest["epoch"], manifest["batch_in_epoch"], manifest["world_size"]) == (1, 1, 1)
+    assert manifest["spec"]["model"] == MODEL.model_dump(mode="json") and "torch" in manifest["versions"]
+    fs, path = filesystem(checkpoint.url, storage)
+    stored = {entry["name"].rsplit("/", 1)[-1] for entry in fs.ls(path, detail=True)}
+    assert {obj["name"] for obj in manifest["objects"]} == stored - {"manifest.json"}
+    assert ".metadata" in stored
+    for obj in manifest["objects"]:
+        data = fs.cat_file(f"{path}/{obj['name']}")
+        assert (len(data), zlib.crc32(data)) == (obj["size"], obj["crc32"])
+
+
+def test_prefix_without_manifest_is_ignored_reported_and_later_deleted(tmp_path, caplog):
+    run = str(tmp_path / "run")
+    training = Training(run)
+    training.manager.save(4, wait=True)
+    training.manager.save(8, wait=True)
+    (tmp_path / "run/checkpoints/step-000000008/manifest.json").unlink()  # as if killed before the commit
+    checkpoints = list_checkpoints(run, StorageSpec())
+    assert [(c.step, c.valid) for c in checkpoints] == [(4, True), (8, False)]
+    assert "no manifest" in checkpoints[1].problem
+
+    resumed = Training(run)
+    with caplog.at_level(logging.WARNING, logger="barlow"):
+        assert resumed.manager.restore() == 4
+    assert "ignoring" in caplog.text and "step-000000008" in caplog.text
+    resumed.manager.save(12, wait=True)
+    assert [c.step for c in list_checkpoints(run, StorageSpec())] == [4, 12]  # partial step 8 cleaned up
+
+
+def test_object_of_the_wrong_size_invalidates_the_checkpoint(tmp_path):
+    run = str(tmp_path / "run")
+    Training(run).manager.save(4, wait=True)
+    shard = tmp_path / "run/checkpoints/step-000000004/__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    checkpoint = inspect_checkpoint(f"{run}/checkpoints/step-000000004", StorageSpec())
+    assert not checkpoint.valid and "__0_0.distcp" in checkpoint.problem
+
+
+def test_retention_keeps_the_last_k_and_every_mth_epoch(tmp_path):
+    run = str(tmp_path / "run")
+    training = Training(run, keep_last=2, keep_every_epochs=2)  # 4 steps per epoch
+    for step in range(2, 26, 2):
+        training.manager.save(step)
+    training.manager.close()
+    # epochs 2 and 4 end at steps 8 and 16 (epoch 6 at 24 is among the last two anyway)
+    assert [c.step for c in list_checkpoints(run, StorageSpec())] == [8, 16, 22, 24]
+
+
+def test_resume_url_of_another_model_is_refused(tmp_path):
+    run = str(tmp_path / "run")
+    Training(run).manager.save(4, wait=True)
+    other = Training(str(tmp_path / "other"), model=ModelSpec(backbone="resnet18", stem="cifar", projector="64-16"),
+                     resume=f"{run}/checkpoints/step-000000004")
+    with pytest.raises(CheckpointError, match="different model"):
+        other.manager.restore()
+
+
+def test_resume_url_that_is_not_a_checkpoint_is_refused(tmp_path):
+    training = Training(str(tmp_path / "run"), resume=str(tmp_path / "nowhere/checkpoints/step-000000004"))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        training.manager.restore()
+
+
+def test_storage_outage_fails_one_save_and_the_next_succeeds(aws_env, caplog):
+    server = S3Server().start()
+    try:
+        bucket = server.create_bucket("outage")
+        storage = StorageSpec(endpoint_url=server.endpoint_url, retries=1)
+        training = Training(f"{bucket}/run", storage)
+        training.manager.save(4, wait=True)
+        server.stop()
+        with caplog.at_level(logging.ERROR, logger="barlow"):
+            training.manager.save(8, wait=True)  # must not raise: training goes on
+        assert training.manager.failed == [8] and "checkpoint at step 8 failed" in caplog.text
+        server.start()  # a new server process: the bucket comes back empty
+        server.create_bucket("outage")
+        training.step(0)
+        training.manager.save(12, wait=True)
+        assert training.manager.committed == [4, 12]
+        assert [(c.step, c.valid) for c in list_checkpoints(f"{bucket}/run", storage)] == [(12, True)]
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("case", ["missing bucket", "rejected credentials", "no credentials", "unreachable"])
+def test_unusable_storage_is_one_clear_error_without_secrets(case, s3_server, aws_env, monkeypatch, capsys):
+    endpoint, bucket = s3_server.endpoint_url, s3_server.create_bucket("present")
+    expected = {"missing bucket": "does not exist", "rejected credentials": "access denied",
+                "no credentials": "no credentials found", "unreachable": "cannot reach the storage endpoint"}[case]
+    strict = None
+    if case == "missing bucket":
+        bucket = "s3://absent"
+    elif case == "rejected credentials":
+        strict = S3Server(enforce_auth=True).start()
+        endpoint = strict.endpoint_url
+    elif case == "no credentials":
+        monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    else:
+        endpoint = "http://127.0.0.1:9"
+    try:
+        code = main(["train", "specs/digits.yaml", "--set", f"run.output={bucket}/run",
+                     "--set", f"storage.endpoint_url={endpoint}"])
+    finally:
+        if strict:
+            strict.stop()
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith(f"barlow: {bucket}/run/checkpoints: ") and expected in err
+    assert aws_env["AWS_SECRET_ACCESS_KEY"] not in err
+
+
+KILLED_SAVE = """
+import sys, torch
+from service import dcp_io
+state = {{"big": torch.randn(64, 1024, 1024)}}  # 256 MiB: several seconds to upload to the test server
+dcp_io.save(state, "{url}", {{"endpoint_url": "{endpoint}"}})
+"""
+
+
+@pytest.mark.slow
+def test_save_killed_half_way_leaves_the_previous_checkpoint_loadable(s3_bucket, s3_server):
+    import boto3
+
+    storage = StorageSpec(endpoint_url=s3_server.endpoint_url)
+    run = f"{s3_bucket}/run"
+    training = Training(run, storage)
+    training.step(0)
+    training.manager.save(4, wait=True)
+    partial = f"{run}/checkpoints/step-000000008"
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_SAVE.format(url=partial, endpoint=s3_server.endpoint_url)],
+                              cwd=Path(__file__).parents[1])
+    s3 = boto3.client("s3", endpoint_url=s3_server.endpoint_url)
+    bucket = s3_bucket.removeprefix("s3://")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and writer.poll() is None \
+            and not s3.list_multipart_uploads(Bucket=bucket).get("Uploads"):
+        time.sleep(0.02)
+    time.sleep(0.5)  # a few parts in
+    writer.kill()
+    writer.wait()
+    assert writer.returncode != 0, "the save finished before it could be killed"
+    assert s3.list_multipart_uploads(Bucket=bucket)["Uploads"], "expected an upload cut off half-way"
+
+    checkpoints = list_checkpoints(run, storage)
+    assert [c.step for c in checkpoints if c.valid] == [4]
+    assert all(not c.valid for c in checkpoints if c.step == 8)
+    resumed = Training(run, storage, seed=3)
+    assert resumed.manager.restore() == 4
+    assert_same_state(resumed.state(), training.state())
