@@ -175,8 +175,6 @@ class CheckpointManager:
         started = time.monotonic()
         options = fsspec_options(url, self.storage)
         try:
-            if self.worker.is_main:
-                self._remove_incomplete(url)
             objects = dcp_io.save(staged, url, options, self.group)
             everyone = [None] * self.worker.world_size if self.worker.is_main else None
             if self.group is not None:
@@ -197,12 +195,6 @@ class CheckpointManager:
                 self._apply_retention()
             except Exception as error:  # noqa: BLE001 - deleting old checkpoints may wait for the next save
                 log.warning("could not delete old checkpoints now: %s", explain(self.root, error))
-
-    def _remove_incomplete(self, url: str) -> None:
-        fs, path = filesystem(url, self.storage)
-        if fs.exists(path):
-            log.warning("removing the incomplete checkpoint %s before saving the same step again", url)
-            fs.rm(path, recursive=True)
 
     def _commit(self, url: str, state: dict, rank_objects: list[dict]) -> None:
         objects = {name: info for per_rank in rank_objects for name, info in per_rank.items()}
@@ -236,23 +228,46 @@ class CheckpointManager:
                 log.info("deleted %s checkpoint %s", "old" if checkpoint.valid else "incomplete", checkpoint.url)
 
     def restore(self) -> int:
-        """Load the checkpoint the spec's `resume` asks for; returns the number of completed steps (0: fresh)."""
+        """Load the checkpoint the spec's `resume` asks for; returns the number of completed steps (0: fresh).
+
+        Incomplete saves newer than the chosen checkpoint are leftovers of a run that died; they are deleted
+        before training, since this run will save those steps again.
+        """
+        checkpoints = list_checkpoints(self.run_url, self.storage)
         if self.spec.resume == "none":
+            if checkpoints:
+                raise CheckpointError(
+                    f"{self.root} already holds checkpoints and checkpoint.resume=none: choose another run.output, "
+                    "delete them, or resume with checkpoint.resume=auto"
+                )
             return 0
         if self.spec.resume == "auto":
-            checkpoints = list_checkpoints(self.run_url, self.storage)
             for checkpoint in checkpoints:
                 if not checkpoint.valid:
                     log.warning("ignoring %s: %s", checkpoint.url, checkpoint.problem)
             valid = [c for c in checkpoints if c.valid]
-            if not valid:
-                log.info("no checkpoint under %s: starting fresh", self.root)
-                return 0
-            chosen = valid[-1]
+            chosen = valid[-1] if valid else None
         else:
             chosen = inspect_checkpoint(self.spec.resume, self.storage)
             if not chosen.valid:
                 raise CheckpointError(f"checkpoint.resume={self.spec.resume} cannot be used: {chosen.problem}")
+            newer = [c.url for c in checkpoints if c.valid and c.step > chosen.step]
+            if newer:
+                raise CheckpointError(
+                    f"run.output already holds newer checkpoints ({newer[-1]}) that this run would collide with: "
+                    "resume into another run.output"
+                )
+        start = chosen.step if chosen else 0
+        if self.worker.is_main:
+            for checkpoint in checkpoints:
+                if checkpoint.step >= start and not checkpoint.valid:
+                    fs, path = filesystem(checkpoint.url, self.storage)
+                    fs.rm(path, recursive=True)
+        if self.group is not None:
+            dist.barrier(group=self.group)
+        if chosen is None:
+            log.info("no checkpoint under %s: starting fresh", self.root)
+            return 0
         self._check_compatible(chosen)
         model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optimizer": optimizer_state}

@@ -40,6 +40,7 @@ def fsspec_options(url: str, spec: StorageSpec) -> dict[str, Any]:
             options.setdefault("profile", spec.profile)
         if spec.region:
             options.setdefault("client_kwargs", {}).setdefault("region_name", spec.region)
+        options.setdefault("use_listings_cache", False)  # other workers and runs change the bucket under us
         config = options.setdefault("config_kwargs", {})
         config.setdefault("retries", {"max_attempts": spec.retries + 1, "mode": "standard"})
         config.setdefault("connect_timeout", 10)
