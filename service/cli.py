@@ -3,6 +3,8 @@
     barlow train SPEC [--set section.field=value ...]     one process, or one worker per process under torchrun
     barlow validate SPEC [--set ...] [--world-size N]    check a spec and print it resolved
     barlow schema [-o FILE]                              the spec's JSON Schema, for editors
+    barlow checkpoints ls RUN_URL                        a run's checkpoints, valid and incomplete
+    barlow export CHECKPOINT_URL OUT                     a checkpoint's backbone as a torchvision state_dict
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import shlex
 import sys
 
 from service import distributed
-from service.checkpoint import CheckpointError
+from service.checkpoint import CheckpointError, list_checkpoints
 from service.data import DataError
 from service.metrics import NonFiniteLoss
-from service.spec import SpecError, json_schema, load_spec, spec_to_yaml
+from service.export import export_checkpoint
+from service.spec import SpecError, StorageSpec, json_schema, load_spec, spec_to_yaml
 from service.storage import StorageError
 
 log = logging.getLogger("barlow")
@@ -41,7 +44,44 @@ def _parser() -> argparse.ArgumentParser:
                           help="check that the global batch divides over this many workers")
     schema = commands.add_parser("schema", help="Print the spec's JSON Schema.")
     schema.add_argument("-o", "--output", help="write to this file instead of standard output")
+
+    def with_storage(command: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        command.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, Ceph, R2); default: AWS")
+        command.add_argument("--region", help="S3 region")
+        command.add_argument("--profile", help="AWS profile")
+        return command
+
+    checkpoints = commands.add_parser("checkpoints", help="Inspect a run's checkpoints.")
+    listing = with_storage(checkpoints.add_subparsers(dest="action", required=True).add_parser(
+        "ls", help="List a run's checkpoints, valid and incomplete.", description="List a run's checkpoints."))
+    listing.add_argument("run", help="the run's location (run.output), e.g. s3://bucket/runs/imagenet")
+    export = with_storage(commands.add_parser(
+        "export", help="Write a checkpoint's backbone as a torchvision state_dict (no fc).",
+        description="Write a checkpoint's backbone as a torchvision state_dict (no fc)."))
+    export.add_argument("checkpoint", help="a checkpoint, e.g. s3://bucket/runs/x/checkpoints/step-000012500")
+    export.add_argument("out", help="where to write the .pth file (path or URL)")
     return parser
+
+
+def _storage(args: argparse.Namespace) -> StorageSpec:
+    return StorageSpec(endpoint_url=args.endpoint_url, region=args.region, profile=args.profile)
+
+
+def _print_checkpoints(run: str, storage: StorageSpec) -> None:
+    rows = [("STEP", "EPOCH", "BATCH", "SIZE", "CREATED", "STATUS")]
+    for checkpoint in list_checkpoints(run, storage):
+        manifest = checkpoint.manifest or {}
+        rows.append((
+            str(checkpoint.step), str(manifest.get("epoch", "-")), str(manifest.get("batch_in_epoch", "-")),
+            f"{checkpoint.size / 2**20:.1f} MiB" if checkpoint.manifest else "-", manifest.get("created", "-"),
+            "valid" if checkpoint.valid else f"INVALID: {checkpoint.problem}",
+        ))
+    if len(rows) == 1:
+        print(f"no checkpoints under {run}")
+        return
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
 
 
 def _configure_logging() -> None:
@@ -66,6 +106,13 @@ def main(argv: list[str] | None = None) -> int:
                     file.write(text + "\n")
             else:
                 print(text)
+            return 0
+        if args.command == "checkpoints":
+            _print_checkpoints(args.run, _storage(args))
+            return 0
+        if args.command == "export":
+            backbone = export_checkpoint(args.checkpoint, args.out, _storage(args))
+            print(f"wrote {args.out}: {len(backbone)} tensors of the backbone, torchvision key names, no fc")
             return 0
         if args.command == "validate":
             spec = load_spec(args.spec, args.overrides, world_size=args.world_size)

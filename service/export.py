@@ -32,3 +32,23 @@ def export_backbone(model: nn.Module, spec: TrainSpec) -> str:
     fs, path = filesystem(output, spec.storage)
     fs.pipe_file(f"{path}/spec.yaml", spec_to_yaml(spec).encode())
     return url
+
+
+def export_checkpoint(checkpoint_url: str, output_url: str, storage: StorageSpec) -> dict[str, torch.Tensor]:
+    """Write the backbone of a training checkpoint to `output_url`, without a process group; returns it."""
+    from service.checkpoint import CheckpointError, inspect_checkpoint
+    from service.dcp_io import load
+    from service.model import BarlowTwins
+    from service.spec import ModelSpec
+    from service.storage import fsspec_options
+
+    checkpoint = inspect_checkpoint(checkpoint_url, storage)
+    if not checkpoint.valid:
+        raise CheckpointError(f"{checkpoint_url} cannot be exported: {checkpoint.problem}")
+    model = BarlowTwins(ModelSpec.model_validate(checkpoint.manifest["spec"]["model"]))
+    state = {"model": model.state_dict()}
+    load(state, checkpoint.url, fsspec_options(checkpoint.url, storage))
+    model.load_state_dict(state["model"])
+    backbone = backbone_state_dict(model)
+    write_backbone(backbone, output_url, storage)
+    return backbone

@@ -253,3 +253,32 @@ def test_save_killed_half_way_leaves_the_previous_checkpoint_loadable(s3_bucket,
     resumed = Training(run, storage, seed=3)
     assert resumed.manager.restore() == 4
     assert_same_state(resumed.state(), training.state())
+
+
+def test_checkpoints_ls_shows_valid_and_incomplete(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    training = Training(run)
+    training.manager.save(4, wait=True)
+    training.manager.save(6, wait=True)
+    (tmp_path / "run/checkpoints/step-000000006/manifest.json").unlink()
+    assert main(["checkpoints", "ls", run]) == 0
+    header, first, second = capsys.readouterr().out.splitlines()
+    assert header.split()[:4] == ["STEP", "EPOCH", "BATCH", "SIZE"]
+    assert first.split()[:3] == ["4", "1", "0"] and first.endswith("valid")
+    assert second.startswith("6") and "INVALID: no manifest" in second
+
+
+def test_export_from_s3_checkpoint_loads_into_torchvision(s3_bucket, s3_server, tmp_path):
+    import torchvision
+
+    training = Training(f"{s3_bucket}/run", StorageSpec(endpoint_url=s3_server.endpoint_url))
+    training.step(0)
+    training.manager.save(4, wait=True)
+    out = tmp_path / "backbone.pth"
+    assert main(["export", f"{s3_bucket}/run/checkpoints/step-000000004", str(out),
+                 "--endpoint-url", s3_server.endpoint_url]) == 0
+    resnet = torchvision.models.resnet18()
+    resnet.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    missing, unexpected = resnet.load_state_dict(torch.load(out, weights_only=True), strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+    assert torch.equal(resnet.conv1.weight, training.model.backbone.conv1.weight)
