@@ -191,7 +191,8 @@ class CheckpointSpec(_Section):
     )
     resume: str = Field(
         "auto", description="`auto`: continue from the newest valid checkpoint under `run.output`, or start fresh; "
-        "`none`: always start fresh; a checkpoint URL (…/checkpoints/step-000123): continue from that one."
+        "`none`: start fresh (refused where `run.output` already holds checkpoints); a checkpoint URL "
+        "(…/checkpoints/step-000000123): continue from that one, e.g. into a new `run.output`."
     )
 
 
