@@ -127,12 +127,15 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
 
     The epoch's permutation depends only on (seed, epoch); it is cut into `len(self)` global batches (the
     incomplete last one is dropped, so every step normalises over exactly `global_batch` samples), and rank r
-    takes the r-th contiguous slice of each. `start_batch` skips batches already trained in this epoch.
+    takes the r-th of `world_size` contiguous slices of each, whose sizes differ by at most one when the batch
+    does not divide evenly. The loss and BatchNorm use global-batch statistics, so uneven shares compute exactly
+    what even ones do: a run keeps its global batch at any world size. `start_batch` skips the batches already
+    trained in this epoch.
     """
 
     def __init__(self, dataset_size: int, global_batch: int, rank: int, world_size: int, seed: int):
-        if global_batch % world_size:
-            raise ValueError(f"global batch {global_batch} does not divide over {world_size} workers")
+        if global_batch < world_size:
+            raise ValueError(f"global batch {global_batch} is smaller than the {world_size} workers")
         if dataset_size < global_batch:
             raise DataError(
                 f"the data set has {dataset_size} samples, fewer than one global batch ({global_batch}): "
@@ -140,8 +143,7 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
             )
         self.dataset_size = dataset_size
         self.global_batch = global_batch
-        self.local_batch = global_batch // world_size
-        self.rank = rank
+        self.share = slice(rank * global_batch // world_size, (rank + 1) * global_batch // world_size)
         self.seed = seed
         self.epoch = 0
         self.start_batch = 0
@@ -156,10 +158,9 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.dataset_size, generator=generator).tolist()
-        first = self.rank * self.local_batch
         for batch in range(self.start_batch, self.dataset_size // self.global_batch):
-            start = batch * self.global_batch + first
-            yield [(self.epoch, index) for index in order[start:start + self.local_batch]]
+            start = batch * self.global_batch
+            yield [(self.epoch, index) for index in order[start + self.share.start:start + self.share.stop]]
 
 
 def two_view_loader(

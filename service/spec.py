@@ -217,13 +217,12 @@ class TrainSpec(_Section):
         return self
 
     @model_validator(mode="after")
-    def _batch_fits_workers(self, info: ValidationInfo) -> TrainSpec:
+    def _batch_covers_workers(self, info: ValidationInfo) -> TrainSpec:
         world_size = (info.context or {}).get("world_size")
-        if world_size and self.optim.batch_size % world_size:
-            fits = [w for w in range(1, self.optim.batch_size + 1) if self.optim.batch_size % w == 0]
+        if world_size and self.optim.batch_size < world_size:
             raise ValueError(
-                f"optim.batch_size={self.optim.batch_size} does not divide evenly over {world_size} workers; "
-                f"choose a batch size that is a multiple of {world_size} or a worker count in {fits[:12]}"
+                f"optim.batch_size={self.optim.batch_size} is smaller than the {world_size} workers: every worker "
+                f"needs a share of the global batch; raise optim.batch_size to at least {world_size} or use fewer workers"
             )
         return self
 

@@ -21,9 +21,14 @@ def global_batches(size: int, batch: int, world: int, seed: int, epoch: int) -> 
     return [[index for rank in range(world) for _, index in shares[rank][b]] for b in range(len(shares[0]))]
 
 
-@pytest.mark.parametrize("world", [2, 4, 8])
+@pytest.mark.parametrize("world", [2, 3, 4, 5, 8])
 def test_global_batches_do_not_depend_on_world_size(world):
     assert global_batches(100, 16, world, seed=3, epoch=5) == global_batches(100, 16, 1, seed=3, epoch=5)
+
+
+def test_uneven_shares_differ_by_at_most_one():
+    sizes = [len(next(iter(GlobalBatchSampler(100, 16, rank, 5, seed=0)))) for rank in range(5)]
+    assert sum(sizes) == 16 and max(sizes) - min(sizes) == 1
 
 
 def test_epoch_is_a_permutation_without_repeats_and_drops_the_incomplete_batch():

@@ -58,6 +58,16 @@ def test_parameters_and_batchnorm_statistics_after_steps_are_equal(single, pair)
         assert_close(pair["buffers"][name].float(), value.float(), name)
 
 
+def test_uneven_shares_over_three_workers_give_the_same_gradients(single, tmp_path):
+    # 16 samples over 3 workers: shares of 5, 5 and 6
+    triple = run_workers(3, tmp_path / "out.pt")
+    torch.testing.assert_close(triple["loss"], single["loss"], rtol=1e-5, atol=1e-5)
+    for name, grad in single["grads"].items():
+        assert_close(triple["grads"][name], grad, name)
+    for name, value in single["params"].items():
+        assert_close(triple["params"][name], value, name)
+
+
 def test_reference_world_size_divides_the_gradient(single, tmp_path):
     reference = run_workers(2, tmp_path / "out.pt", "16")
     torch.testing.assert_close(reference["loss"], single["loss"], rtol=1e-5, atol=1e-5)
