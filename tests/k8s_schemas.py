@@ -3,7 +3,7 @@
 - ``validate_volcano``: Volcano Job / Queue / PodGroup against the CRDs' ``openAPIV3Schema`` in
   ``shared/schemas/volcano/``, made strict (unknown fields are errors, where the API server would drop them).
 - ``validate_core``: built-in kinds (Pod, Namespace, Role, ...) with ``kubernetes-validate``, strict.
-- ``template_as_pod``: a PodTemplateSpec (a Volcano task's ``template``) as a Pod, for the two helpers below it.
+- ``template_as_pod``: a PodTemplateSpec (a Volcano task's ``template``) as a Pod, for validate_core and checkov.
 - ``checkov_failures``: checkov's security checks that fail on some manifests, minus justified skips.
   checkov runs from its own virtual environment (see ``checkov_executable``): installed into the project's
   venv it downgrades botocore below what aiobotocore (s3fs) requires.
@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable
 
 import jsonschema
 import kubernetes_validate
@@ -56,7 +56,7 @@ def _describe(obj: dict) -> str:
     return f"{obj.get('apiVersion')} {obj.get('kind')} {name!r}"
 
 
-def _json_path(path: Iterator[Any]) -> str:
+def _json_path(path: Iterable[Any]) -> str:
     text = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
     return text.lstrip(".") or "<root>"
 
