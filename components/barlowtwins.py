@@ -12,7 +12,6 @@
 (memory in MiB, /dev/shm size, tolerations, pull secrets, security context, storage credentials).
 """
 
-from __future__ import annotations
 
 import re
 import shlex

@@ -5,6 +5,7 @@
     barlow schema [-o FILE]                              the spec's JSON Schema, for editors
     barlow checkpoints ls RUN_URL                        a run's checkpoints, valid and incomplete
     barlow export CHECKPOINT_URL OUT                     a checkpoint's backbone as a torchvision state_dict
+    barlow submit SPEC --scheduler local_cwd|kubernetes  launch through TorchX (and status / logs / cancel)
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import logging
 import os
 import shlex
 import sys
+
+import yaml
 
 from service import distributed
 from service.checkpoint import CheckpointError, list_checkpoints
@@ -60,7 +63,107 @@ def _parser() -> argparse.ArgumentParser:
         description="Write a checkpoint's backbone as a torchvision state_dict (no fc)."))
     export.add_argument("checkpoint", help="a checkpoint, e.g. s3://bucket/runs/x/checkpoints/step-000012500")
     export.add_argument("out", help="where to write the .pth file (path or URL)")
+
+    submit = commands.add_parser(
+        "submit", help="Launch a training job through TorchX (local_cwd or Kubernetes).",
+        description="Validate SPEC, then launch it as an elastic torchrun job with TorchX. On Kubernetes the spec "
+        "path is read inside the image, so keep the same relative path there.")
+    submit.add_argument("spec", help="YAML job spec")
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    submit.add_argument("--scheduler", choices=["local_cwd", "kubernetes"], required=True)
+    submit.add_argument("--dryrun", action="store_true", help="print what would be launched, launch nothing")
+    submit.add_argument("--image", default="barlowtwins-service:latest", help="training image (Kubernetes)")
+    submit.add_argument("--nnodes", default="1", help="N nodes, or MIN:MAX for an elastic job")
+    submit.add_argument("--nproc-per-node", type=int, default=None, help="workers per node (default: one per GPU)")
+    submit.add_argument("--h", dest="named_resource", default=None, help="named resource, e.g. gpu_8xh100")
+    submit.add_argument("--gpu", type=int, default=0, help="GPUs per node")
+    submit.add_argument("--cpu", type=int, default=None, help="CPUs per node")
+    submit.add_argument("--mem-mb", type=int, default=None, help="memory per node, MiB")
+    submit.add_argument("--shm-mb", type=int, default=None, help="/dev/shm per node, MiB")
+    submit.add_argument("--max-restarts", type=int, default=3, help="worker-group restarts after a failure")
+    submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable")
+    submit.add_argument("--mount", action="append", default=[],
+                        help="volume, e.g. type=volume,src=imagenet,dst=/data/imagenet,readonly")
+    submit.add_argument("--name", default="barlowtwins", help="job name")
+    k8s = submit.add_argument_group("Kubernetes")
+    k8s.add_argument("--queue", default="barlow", help="Volcano queue")
+    k8s.add_argument("--namespace", default="barlow")
+    k8s.add_argument("--service-account", default="barlow-trainer", help="pods' service account (IRSA)")
+    k8s.add_argument("--priority-class", default=None)
+    k8s.add_argument("--toleration", action="append", default=[], metavar="KEY[=VALUE]:EFFECT")
+    k8s.add_argument("--node-selector", action="append", default=[], metavar="LABEL=VALUE")
+    k8s.add_argument("--image-pull-secret", action="append", default=[], metavar="SECRET")
+    k8s.add_argument("--s3-secret", default=None, metavar="SECRET",
+                     help="Secret whose keys (AWS_ACCESS_KEY_ID, ...) become the workers' environment")
+    for name, help_text in (("status", "Print a job's state."), ("logs", "Print a job's logs (first worker node)."),
+                            ("cancel", "Stop a job.")):
+        command = commands.add_parser(name, help=help_text, description=help_text)
+        command.add_argument("handle", help="the handle printed by submit, e.g. kubernetes://torchx/barlow:barlowtwins-x1")
     return parser
+
+
+def _key_values(items: list[str], what: str) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SpecError(f"{what} {item!r} is not KEY=VALUE")
+        pairs[key] = value
+    return pairs
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from service.submit import KubernetesOptions, build_app, kubernetes_dryrun, max_world_size, stream_logs
+
+    app = build_app(
+        args.spec, args.overrides, image=args.image, nnodes=args.nnodes, nproc_per_node=args.nproc_per_node,
+        h=args.named_resource, gpu=args.gpu, cpu=args.cpu, memMB=args.mem_mb, shmMB=args.shm_mb,
+        max_restarts=args.max_restarts, env=_key_values(args.env, "--env") or None, mounts=[part for mount in args.mount for part in mount.split(",")] or None,
+        name=args.name,
+    )
+    nproc = int(app.roles[0].args[1].split("--nproc_per_node ")[1].split()[0])
+    load_spec(args.spec, args.overrides, world_size=max_world_size(args.nnodes, nproc))
+    if args.scheduler == "kubernetes":
+        options = KubernetesOptions(
+            queue=args.queue, namespace=args.namespace, service_account=args.service_account,
+            priority_class=args.priority_class, tolerations=args.toleration,
+            node_selector=_key_values(args.node_selector, "--node-selector"),
+            image_pull_secrets=args.image_pull_secret, s3_secret=args.s3_secret,
+        )
+        runner, info = kubernetes_dryrun(app, options)
+        if args.dryrun:
+            print(yaml.safe_dump(info.request.resource, sort_keys=False), end="")
+            return 0
+        print(runner.schedule(info))
+        return 0
+    from torchx.runner import get_runner
+
+    runner = get_runner()
+    if args.dryrun:
+        print(runner.dryrun(app, "local_cwd", cfg={}))
+        return 0
+    handle = runner.run(app, "local_cwd", cfg={})
+    print(handle, flush=True)
+    stream_logs(runner, handle)
+    status = runner.wait(handle, wait_interval=1)
+    print(f"{handle}: {status.state.name if status else 'UNKNOWN'}")
+    return 0 if status and status.state.name == "SUCCEEDED" else 1
+
+
+def _manage(args: argparse.Namespace) -> int:
+    from torchx.runner import get_runner
+
+    from service.submit import stream_logs
+
+    runner = get_runner()
+    if args.command == "status":
+        print(runner.status(args.handle) or f"{args.handle}: not found")
+    elif args.command == "logs":
+        stream_logs(runner, args.handle)
+    else:
+        runner.cancel(args.handle)
+        print(f"{args.handle}: cancelled")
+    return 0
 
 
 def _storage(args: argparse.Namespace) -> StorageSpec:
@@ -107,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(text)
             return 0
+        if args.command == "submit":
+            return _submit(args)
+        if args.command in ("status", "logs", "cancel"):
+            return _manage(args)
         if args.command == "checkpoints":
             _print_checkpoints(args.run, _storage(args))
             return 0
@@ -130,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"done: {result.steps} steps; stats {result.output}/stats.txt; backbone {result.weights}; "
                       f"spec {result.output}/spec.yaml; checkpoints {result.output}/checkpoints")
         return 0
-    except (SpecError, DataError, NonFiniteLoss, StorageError, CheckpointError) as error:
+    except (SpecError, DataError, NonFiniteLoss, StorageError, CheckpointError, ValueError) as error:
         print(f"barlow: {error}", file=sys.stderr)
         return 2
 

@@ -62,6 +62,7 @@ def test_every_manifest_validates(document):
 def test_the_expected_objects_are_there():
     assert sorted((document["kind"], document["metadata"]["name"]) for _, document in DOCUMENTS) == [
         ("Namespace", "barlow"),
+        ("NetworkPolicy", "barlow-training"),
         ("PersistentVolumeClaim", "imagenet"),
         ("PriorityClass", "barlow-training"),
         ("Queue", "barlow"),
