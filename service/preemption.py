@@ -6,6 +6,7 @@ Workers may receive the signal a step apart, so they vote after every step and a
 from __future__ import annotations
 
 import logging
+import os
 import signal
 
 import torch
@@ -23,8 +24,10 @@ class Preemption:
         self.previous = signal.signal(signal.SIGTERM, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
-        if not self.requested:
-            log.warning("SIGTERM received: checkpointing after this step, then stopping")
+        if self.requested:  # asked twice (e.g. torchrun stopping a failed group): stop now
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        log.warning("SIGTERM received: checkpointing after this step, then stopping")
         self.requested = True
 
     def agreed(self) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -81,7 +82,7 @@ def explain(url: str, error: BaseException) -> str:
 def check_writable(url: str, spec: StorageSpec) -> None:
     """Fail fast, before any training, when the run's location cannot be written (one quick attempt)."""
     fs, path = filesystem(url, spec.model_copy(update={"retries": 0}))
-    probe = f"{path.rstrip('/')}/.barlow-write-check"
+    probe = f"{path.rstrip('/')}/.barlow-write-check-{uuid.uuid4().hex}"  # one per worker: they probe at once
     try:
         if not is_remote(url):
             fs.makedirs(path, exist_ok=True)  # on object stores this would create a missing bucket
