@@ -44,7 +44,14 @@ def start(device: str = "auto") -> Worker:
     else:
         chosen = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=chosen if use_cuda else None)
+        store, _, _ = next(dist.rendezvous("env://"))
+        # torchrun's agent keeps its store across restarts of the worker group: without a namespace per attempt,
+        # a restarted worker can read a dead peer's address from the previous attempt and fail to connect.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo", store=dist.PrefixStore(f"barlow/attempt-{attempt}", store),
+            rank=rank, world_size=world_size, device_id=chosen if use_cuda else None,
+        )
     return Worker(rank, world_size, local_rank, chosen)
 
 
