@@ -125,3 +125,18 @@ def test_resuming_on_fewer_workers_keeps_the_optimisation(uninterrupted, tmp_pat
     theirs = torch.cat([expected_backbone[key].flatten() for key in parameters])
     assert (ours - theirs).norm() <= 1e-4 * theirs.norm()
     assert stopped_at < 16
+
+
+def test_barlow_submit_runs_the_component_locally(tmp_path):
+    output = tmp_path / "submitted"
+    result = subprocess.run(
+        [str(BIN / "barlow"), "submit", "specs/digits.yaml", "--scheduler", "local_cwd", "--nproc-per-node", "2",
+         "--set", "optim.epochs=1", "--set", f"run.output={output}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    handle = result.stdout.splitlines()[0]
+    assert handle.startswith("local_cwd://") and result.stdout.rstrip().endswith(f"{handle}: SUCCEEDED")
+    assert "on 2 worker(s)" in result.stdout  # the workers' log, streamed
+    assert [c.step for c in list_checkpoints(str(output), StorageSpec()) if c.valid] == [8]
