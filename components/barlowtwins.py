@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 from torchx import specs
 from torchx.specs import macros
 
-from components.resources import SHM_CAPABILITY
+from components.resources import SHM_CAPABILITY, WORKERS_METADATA
 
 DEFAULT_IMAGE = "barlowtwins-service:latest"
 # Without a named resource, a node's share is sized from its GPUs (torchx's default, 2 CPUs and 1 GiB, is no
@@ -128,7 +128,7 @@ def train(
                 env={"PYTHONUNBUFFERED": "1", "LOGLEVEL": "WARNING", **(env or {})},
                 port_map={"c10d": rdzv_port},
                 mounts=specs.parse_mounts(mounts) if mounts else [],
-                metadata={SHM_CAPABILITY: shm},
+                metadata={SHM_CAPABILITY: shm, WORKERS_METADATA: nproc},
             )
         ],
     )

@@ -11,6 +11,7 @@ from torchx.specs import Resource
 
 GiB = 1024  # memMB is in MiB
 SHM_CAPABILITY = "barlow/shmMB"
+WORKERS_METADATA = "barlow/nproc_per_node"
 
 
 def gpu_8xh100() -> Resource:

@@ -113,6 +113,7 @@ def _key_values(items: list[str], what: str) -> dict[str, str]:
 
 
 def _submit(args: argparse.Namespace) -> int:
+    from components.resources import WORKERS_METADATA
     from service.submit import KubernetesOptions, build_app, kubernetes_dryrun, max_world_size, stream_logs
 
     app = build_app(
@@ -121,7 +122,7 @@ def _submit(args: argparse.Namespace) -> int:
         max_restarts=args.max_restarts, env=_key_values(args.env, "--env") or None, mounts=[part for mount in args.mount for part in mount.split(",")] or None,
         name=args.name,
     )
-    nproc = int(app.roles[0].args[1].split("--nproc_per_node ")[1].split()[0])
+    nproc = app.roles[0].metadata[WORKERS_METADATA]
     load_spec(args.spec, args.overrides, world_size=max_world_size(args.nnodes, nproc))
     if args.scheduler == "kubernetes":
         options = KubernetesOptions(

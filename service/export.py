@@ -5,8 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from service.spec import StorageSpec, TrainSpec, spec_to_yaml
-from service.storage import filesystem
+from service.checkpoint import CheckpointError, inspect_checkpoint
+from service.dcp_io import load
+from service.model import BarlowTwins
+from service.spec import ModelSpec, StorageSpec, TrainSpec, spec_to_yaml
+from service.storage import filesystem, fsspec_options
 
 
 def backbone_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -36,12 +39,6 @@ def export_backbone(model: nn.Module, spec: TrainSpec) -> str:
 
 def export_checkpoint(checkpoint_url: str, output_url: str, storage: StorageSpec) -> dict[str, torch.Tensor]:
     """Write the backbone of a training checkpoint to `output_url`, without a process group; returns it."""
-    from service.checkpoint import CheckpointError, inspect_checkpoint
-    from service.dcp_io import load
-    from service.model import BarlowTwins
-    from service.spec import ModelSpec
-    from service.storage import fsspec_options
-
     checkpoint = inspect_checkpoint(checkpoint_url, storage)
     if not checkpoint.valid:
         raise CheckpointError(f"{checkpoint_url} cannot be exported: {checkpoint.problem}")

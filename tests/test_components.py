@@ -193,3 +193,9 @@ def test_rendered_pod_templates_pass_checkov():
     policy = yaml.safe_load((Path(__file__).parents[1] / "k8s" / "networkpolicy-training.yaml").read_text())
     failures = checkov_failures([*pods, policy], skip={})
     assert sorted(set(failures) - set(CHECKOV_SKIPS)) == []
+
+
+def test_submit_checks_the_batch_against_the_largest_world(capsys):
+    assert main(["submit", "specs/digits.yaml", "--scheduler", "kubernetes", "--dryrun", "--nnodes", "1:2",
+                 "--gpu", "8", "--set", "optim.batch_size=8"]) == 2
+    assert "smaller than the 16 workers" in capsys.readouterr().err
