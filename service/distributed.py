@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from service.spec import SpecError
+
 
 @dataclass(frozen=True)
 class Worker:
@@ -38,7 +40,8 @@ def start(device: str = "auto") -> Worker:
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
         if not torch.cuda.is_available():
-            raise RuntimeError("run.device=cuda was asked for, but this machine has no usable CUDA device")
+            raise SpecError("run.device=cuda was asked for, but this machine has no usable CUDA device: "
+                            "use run.device=auto or cpu")
         torch.cuda.set_device(local_rank)
         chosen = torch.device("cuda", local_rank)
     else:

@@ -99,3 +99,10 @@ def test_rerun_resumes_from_the_last_epoch_checkpoint(tmp_path):
     assert "resumed from" in result.stderr
     second_backbone = torch.load(output / "resnet18.pth", weights_only=True)
     assert not torch.equal(first_backbone["conv1.weight"], second_backbone["conv1.weight"])
+
+
+def test_cuda_asked_for_on_a_machine_without_it_is_a_clear_error(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["train", DIGITS, "--set", "run.device=cuda"]) == 2
+    assert "no usable CUDA device" in capsys.readouterr().err
