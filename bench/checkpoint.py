@@ -74,7 +74,7 @@ def main() -> None:
             local = Path(tmp) / "state.pth"
             fs, _ = filesystem(bucket, storage)
             plain_save = timed(lambda: torch.save(state, local))
-            plain_upload = timed(lambda: fs.put_file(str(local), f"bench/plain/state.pth"))
+            plain_upload = timed(lambda: fs.put_file(str(local), "bench/plain/state.pth"))
             download = Path(tmp) / "downloaded.pth"
             plain_load = timed(lambda: torch.load(local, weights_only=True))
             plain_download = timed(lambda: fs.get_file("bench/plain/state.pth", str(download)))

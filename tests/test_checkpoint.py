@@ -1,6 +1,5 @@
 """The checkpoint manager against real storage: a moto S3 server, local folders and fsspec's memory store."""
 
-import json
 import logging
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from service.distributed import Worker
 from service.model import BarlowTwins
 from service.optim import build_lars
 from service.spec import CheckpointSpec, ModelSpec, StorageSpec, TrainSpec
-from service.storage import StorageError, filesystem
+from service.storage import filesystem
 from tests.s3_server import S3Server
 
 MODEL = ModelSpec(backbone="resnet18", stem="cifar", projector="32-16")
