@@ -1,0 +1,36 @@
+"""The training step's precision handling: autocast and loss scaling as the spec and the device ask."""
+
+import torch
+
+from service.model import BarlowTwins
+from service.optim import build_lars
+from service.spec import LossSpec, ModelSpec
+from service.trainer import Precision, training_step
+
+
+def test_precision_choice_per_device():
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert Precision.choose("fp16", cuda).dtype == torch.float16  # the reference: fp16 autocast + GradScaler
+    assert Precision.choose("bf16", cuda).dtype == torch.bfloat16
+    assert Precision.choose("bf16", cpu).dtype == torch.bfloat16
+    assert Precision.choose("fp16", cpu).dtype is None  # no fp16 autocast on the CPU: fp32
+    assert Precision.choose("fp32", cuda).dtype is None
+    assert not Precision.choose("bf16", cpu).grad_scaler().is_enabled()
+
+
+def test_bf16_step_runs_the_network_in_bf16_and_the_loss_in_fp32():
+    torch.manual_seed(0)
+    model = BarlowTwins(ModelSpec(backbone="resnet18", stem="cifar", projector="32-16"))
+    optimizer = build_lars(model, weight_decay=1e-6, momentum=0.9, eta=0.001)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.1
+    precision = Precision.choose("bf16", torch.device("cpu"))
+    seen = []
+    model.projector.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    before = model.backbone.conv1.weight.detach().clone()
+    loss = training_step(model, optimizer, precision.grad_scaler(), precision, LossSpec(),
+                         torch.randn(8, 3, 8, 8), torch.randn(8, 3, 8, 8))
+    assert seen == [torch.bfloat16, torch.bfloat16]
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert model.backbone.conv1.weight.dtype == torch.float32  # master weights stay fp32
+    assert not torch.equal(model.backbone.conv1.weight, before)
