@@ -113,11 +113,12 @@ def _key_values(items: list[str], what: str) -> dict[str, str]:
 
 
 def _submit(args: argparse.Namespace) -> int:
+    from components.barlowtwins import train as train_component
     from components.resources import WORKERS_METADATA
-    from service.submit import KubernetesOptions, build_app, kubernetes_dryrun, max_world_size, stream_logs
+    from service.submit import KubernetesOptions, kubernetes_dryrun, max_world_size, stream_logs
 
-    app = build_app(
-        args.spec, args.overrides, image=args.image, nnodes=args.nnodes, nproc_per_node=args.nproc_per_node,
+    app = train_component(
+        args.spec, *args.overrides, image=args.image, nnodes=args.nnodes, nproc_per_node=args.nproc_per_node,
         h=args.named_resource, gpu=args.gpu, cpu=args.cpu, memMB=args.mem_mb, shmMB=args.shm_mb,
         max_restarts=args.max_restarts, env=_key_values(args.env, "--env") or None, mounts=[part for mount in args.mount for part in mount.split(",")] or None,
         name=args.name,

@@ -12,9 +12,8 @@ from __future__ import annotations
 import copy
 import sys
 from dataclasses import dataclass, field
-from typing import Any
 
-from components.barlowtwins import parse_nnodes, train as train_component
+from components.barlowtwins import parse_nnodes
 from components.resources import SHM_CAPABILITY
 
 RUN_AS_USER = 1000  # the training image's non-root user
@@ -82,10 +81,6 @@ def complete_volcano_job(job: dict, *, memory_mb: int, shm_mb: int, gpu: int, op
                 "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]},
             }
     return job
-
-
-def build_app(spec: str, overrides: list[str], **component_args: Any):
-    return train_component(spec, *overrides, **component_args)
 
 
 def kubernetes_dryrun(app, options: KubernetesOptions):
