@@ -8,11 +8,15 @@ SPEC ?= specs/digits.yaml
 # One thread per worker: on a laptop the workers share its cores (torchrun would set it and warn).
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup demo train test test-fast clean
+IMAGE ?= barlowtwins-service:latest
+LOCAL_BASE := localhost/debian-python:3.11-bookworm
 
-$(STAMP): pyproject.toml
+.PHONY: setup demo train test test-fast clean lock image image-local image-base container-tools
+
+# constraints.txt pins the runtime dependencies to what the image ships (make lock regenerates it)
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -31,6 +35,30 @@ test: setup
 ## test-fast: the unit tests only
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
+
+## lock: regenerate constraints.txt from pyproject.toml (a fresh venv with the runtime dependencies only)
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet --disable-pip-version-check .
+	{ sed -n '1,/^[^#]/p' constraints.txt | grep '^#'; \
+	  .lock-venv/bin/python -m pip freeze --all --exclude pip --exclude barlowtwins-service; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt && rm -rf .lock-venv
+
+## image: the training image with Docker, or podman where no daemon runs (BASE_IMAGE=... to choose the base)
+image:
+	docker/build.sh $(IMAGE)
+
+## image-local: the same on a base made here with debootstrap (no image registry needed; root)
+image-local: image-base
+	BASE_IMAGE=$(LOCAL_BASE) docker/build.sh $(IMAGE)
+
+image-base:
+	docker/base-image.sh $(LOCAL_BASE)
+
+## container-tools: podman, runc and debootstrap from Debian, where neither Docker nor podman is installed (root)
+container-tools:
+	@if docker/engine.sh name >/dev/null 2>&1 && command -v debootstrap >/dev/null; then echo "container tools present"; \
+	else apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap >/dev/null; fi
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
