@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
-## demo: pretrain on the built-in digits with 2 torchrun workers on the CPU
+## demo: pretrain on the built-in digits with 2 torchrun workers on the CPU, then compare with random init and pixels
 demo: train
+	$(BIN)/barlow compare $(SPEC)
 
 ## train: any spec on this machine, e.g. make train SPEC=specs/cifar10.yaml NPROC=8
 train: setup

@@ -6,6 +6,8 @@
     barlow checkpoints ls RUN_URL                        a run's checkpoints, valid and incomplete
     barlow export CHECKPOINT_URL OUT                     a checkpoint's backbone as a torchvision state_dict
     barlow submit SPEC --scheduler local_cwd|kubernetes  launch through TorchX (and status / logs / cancel)
+    barlow evaluate SPEC [--set ...]                     linear probe, finetune or kNN of a backbone (evaluation spec)
+    barlow compare SPEC [--weights W]                    pretrained vs random init vs raw pixels on the held-out split
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from service.checkpoint import CheckpointError, list_checkpoints
 from service.data import DataError
 from service.metrics import NonFiniteLoss
 from service.export import export_checkpoint
-from service.spec import SpecError, StorageSpec, json_schema, load_spec, spec_to_yaml
+from service.spec import EvaluateSpec, SpecError, StorageSpec, json_schema, load_spec, spec_to_yaml
 from service.storage import StorageError
 
 log = logging.getLogger("barlow")
@@ -42,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
         return command
 
     with_spec("train", "Pretrain a backbone as the spec says.")
+    with_spec("evaluate", "Evaluate a backbone as an evaluation spec says (linear probe, finetune, kNN).")
+    compare = with_spec("compare", "Pretrained backbone vs random init vs raw pixels: kNN, linear, few-shot.")
+    compare.add_argument("--weights", help="backbone weights or checkpoint; default: the training spec's export")
     validate = with_spec("validate", "Validate a spec and print it with every default filled in.")
     validate.add_argument("--world-size", type=int, default=None,
                           help="check that the global batch divides over this many workers")
@@ -189,6 +194,17 @@ def _print_checkpoints(run: str, storage: StorageSpec) -> None:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
 
 
+def _evaluate(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from service.evaluate import evaluate
+
+    spec = load_spec(args.spec, args.overrides, kind=EvaluateSpec)
+    result = evaluate(spec, command=shlex.join(["barlow", *(sys.argv[1:] if argv is None else argv)]))
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{result.mode}: top-1 {result.acc1:.2f} top-5 {result.acc5:.2f} (best {result.best_acc1:.2f} / "
+              f"{result.best_acc5:.2f}) on {result.train_images} training images; {result.output}/results.json")
+    return 0
+
+
 def _configure_logging() -> None:
     """The service's own log lines only (rank 0 at INFO), not those of the libraries it uses."""
     rank = os.environ.get("RANK", "0")
@@ -226,6 +242,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             spec = load_spec(args.spec, args.overrides, world_size=args.world_size)
             print(spec_to_yaml(spec), end="")
+            return 0
+        if args.command == "evaluate":
+            return _evaluate(args, argv)
+        if args.command == "compare":
+            from service.compare import compare, format_table
+
+            spec = load_spec(args.spec, args.overrides)
+            weights = args.weights or f"{spec.run.output.rstrip('/')}/{spec.model.backbone}.pth"
+            print(f"{spec.model.backbone} pretrained ({weights}) vs the same randomly initialised vs raw pixels")
+            print(format_table(compare(spec, weights)))
             return 0
         from service.trainer import train
 

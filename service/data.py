@@ -183,3 +183,29 @@ def two_view_loader(
         persistent_workers=workers > 0,
     )
     return loader, sampler
+
+
+class Transformed(Dataset):
+    """(image, label) pairs of a labelled data set, restricted to `indices`, through `transform`."""
+
+    def __init__(self, images: Dataset, transform: v2.Transform, indices: list[int] | None = None):
+        self.images = images
+        self.transform = transform
+        self.indices = list(range(len(images))) if indices is None else list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.images[self.indices[index]]
+        return self.transform(image).as_subclass(torch.Tensor), label
+
+
+def targets_of(images: Dataset) -> list[int]:
+    """Every label of a labelled data set, without decoding an image."""
+    return list(images.targets)
+
+
+def shard(count: int, rank: int, world_size: int) -> range:
+    """This rank's contiguous share of `count` items: every item in exactly one share, sizes differing by one."""
+    return range(rank * count // world_size, (rank + 1) * count // world_size)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from service.checkpoint import CheckpointError, inspect_checkpoint
+from service.checkpoint import CheckpointError, inspect_checkpoint, list_checkpoints
 from service.dcp_io import load
 from service.model import BarlowTwins
 from service.spec import ModelSpec, StorageSpec, TrainSpec, spec_to_yaml
@@ -37,15 +37,42 @@ def export_backbone(model: nn.Module, spec: TrainSpec) -> str:
     return url
 
 
-def export_checkpoint(checkpoint_url: str, output_url: str, storage: StorageSpec) -> dict[str, torch.Tensor]:
-    """Write the backbone of a training checkpoint to `output_url`, without a process group; returns it."""
+def checkpoint_backbone(checkpoint_url: str, storage: StorageSpec) -> dict[str, torch.Tensor]:
+    """The backbone of a training checkpoint, read without a process group."""
     checkpoint = inspect_checkpoint(checkpoint_url, storage)
     if not checkpoint.valid:
-        raise CheckpointError(f"{checkpoint_url} cannot be exported: {checkpoint.problem}")
+        raise CheckpointError(f"{checkpoint_url} cannot be read: {checkpoint.problem}")
     model = BarlowTwins(ModelSpec.model_validate(checkpoint.manifest["spec"]["model"]))
     state = {"model": model.state_dict()}
     load(state, checkpoint.url, fsspec_options(checkpoint.url, storage))
     model.load_state_dict(state["model"])
-    backbone = backbone_state_dict(model)
+    return backbone_state_dict(model)
+
+
+def export_checkpoint(checkpoint_url: str, output_url: str, storage: StorageSpec) -> dict[str, torch.Tensor]:
+    """Write the backbone of a training checkpoint to `output_url`, without a process group; returns it."""
+    backbone = checkpoint_backbone(checkpoint_url, storage)
     write_backbone(backbone, output_url, storage)
     return backbone
+
+
+def read_weights(url: str, storage: StorageSpec) -> dict[str, torch.Tensor]:
+    """A state_dict saved with torch.save, from a path or URL (tensors only: weights_only)."""
+    fs, path = filesystem(url, storage)
+    try:
+        with fs.open(path, "rb") as file:
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"backbone weights {url} do not exist") from None
+
+
+def load_pretrained(source: str, storage: StorageSpec) -> dict[str, torch.Tensor]:
+    """Backbone weights from an exported file, a training checkpoint, or a training run (its newest checkpoint)."""
+    if source.rstrip("/").endswith((".pth", ".pt")):
+        return read_weights(source, storage)
+    if "/step-" in source:
+        return checkpoint_backbone(source, storage)
+    valid = [c for c in list_checkpoints(source, storage) if c.valid]
+    if not valid:
+        raise CheckpointError(f"{source} is neither a .pth file nor a checkpoint, and holds no valid checkpoint")
+    return checkpoint_backbone(valid[-1].url, storage)

@@ -68,6 +68,15 @@ class TrainingStats:
                          self.total_steps, loss, lr_weights, lr_biases)
         return stats
 
+    def record(self, **fields) -> dict:
+        """One JSON line of any other statistics (evaluation accuracies, the kNN monitor), logged as well."""
+        stats = {**fields, "time": int(time.time() - self.start)}
+        if self.enabled:
+            print(json.dumps(stats), file=self.file)
+            log.info(" ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                              for key, value in fields.items()))
+        return stats
+
     def sync(self) -> None:
         """Upload the stats to a remote output (a no-op for local folders)."""
         if self.file is not None and str(self.local_path) != self.remote_path:

@@ -196,6 +196,18 @@ class CheckpointSpec(_Section):
     )
 
 
+class MonitorSpec(_Section):
+    """A cheap online signal of representation quality during pretraining (the reference has none)."""
+
+    knn_every_epochs: int | None = Field(
+        None, ge=1, description="Every this many epochs (and after the last), a weighted kNN classifier on the "
+        "backbone's features: the labelled training images are the memory bank, the held-out split (digits' and "
+        "CIFAR's test split, ImageFolder's `val/`) the queries; top-1 goes to stats.txt. Unset: off."
+    )
+    knn_k: int = Field(200, ge=1, description="Neighbours that vote (the SSL benchmarks' 200).")
+    knn_temperature: float = Field(0.1, gt=0, description="Votes weigh exp(cosine similarity / T) (benchmarks: 0.1).")
+
+
 class TrainSpec(_Section):
     """A Barlow Twins pretraining run."""
 
@@ -207,6 +219,7 @@ class TrainSpec(_Section):
     run: RunSpec = Field(default_factory=RunSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
+    monitor: MonitorSpec = Field(default_factory=MonitorSpec)
 
     @model_validator(mode="after")
     def _data_path_when_needed(self) -> TrainSpec:
@@ -224,6 +237,101 @@ class TrainSpec(_Section):
                 f"optim.batch_size={self.optim.batch_size} is smaller than the {world_size} workers: every worker "
                 f"needs a share of the global batch; raise optim.batch_size to at least {world_size} or use fewer workers"
             )
+        return self
+
+
+class BackboneSpec(_Section):
+    """The network under evaluation."""
+
+    weights: str | None = Field(
+        None, description="An exported backbone (`resnet50.pth`-style, path or URL), a training checkpoint "
+        "(…/checkpoints/step-000000123) or a training run's `run.output` (its newest valid checkpoint). Unset: the "
+        "architecture randomly initialised, as a baseline."
+    )
+    arch: Literal["resnet18", "resnet34", "resnet50"] = Field("resnet50", description="torchvision ResNet.")
+    stem: Literal["imagenet", "cifar"] = Field("imagenet", description="As `model.stem` of the pretraining.")
+
+
+class EvalDataSpec(_Section):
+    """The labelled data: `train` to fit the classifier on, the held-out split to report."""
+
+    dataset: Literal["imagefolder", "cifar10", "digits"] = Field(
+        "imagefolder", description="As `data.dataset`; imagefolder reads `train/` and `val/`."
+    )
+    path: str | None = Field(None, description="As `data.path`.")
+    image_size: int = Field(224, ge=8, description="Crop side; validation resizes to size*256/224, then centre-crops.")
+    workers: int = Field(8, ge=0, description="Data-loading processes per worker (reference: 8).")
+    train_percent: Literal[1, 10, 100] = Field(
+        100, description="Labelled share of the training split (reference: 100 for the linear probe, 1 or 10 for "
+        "semi-supervised finetuning)."
+    )
+    subset_list: str | None = Field(
+        None, description="For train_percent 1 or 10: a file (path or URL, read once, never from the internet by "
+        "default) of image file names, one per line, in SimCLR's format (`n01440764_10026.JPEG`). Unset: a "
+        "deterministic class-balanced subset drawn with `subset_seed`."
+    )
+    subset_seed: int = Field(0, ge=0, description="Seed of the class-balanced subset when no list is given.")
+    train_crop_scale: tuple[float, float] = Field(
+        (0.08, 1.0), description="RandomResizedCrop area range of the training transform (reference: 0.08-1)."
+    )
+    horizontal_flip: float = Field(0.5, ge=0.0, le=1.0, description="Flip probability in training (reference: 0.5).")
+    mean: tuple[float, float, float] = Field(IMAGENET_MEAN, description="Normalisation mean.")
+    std: tuple[float, float, float] = Field(IMAGENET_STD, description="Normalisation std.")
+
+
+class EvalSpec(_Section):
+    """The protocol. Unset hyper-parameters take the reference's values for the mode."""
+
+    mode: Literal["linear", "finetune", "knn"] = Field(
+        "linear", description="`linear`: frozen backbone in eval mode, a new fc trained (reference `--weights "
+        "freeze`); `finetune`: the whole network trained (`--weights finetune`); `knn`: weighted kNN on frozen "
+        "features, no training."
+    )
+    epochs: int | None = Field(None, ge=1, description="Reference: 100 (linear), 20 (finetune).")
+    batch_size: int = Field(256, ge=1, description="Global batch (reference: 256).")
+    lr_classifier: float | None = Field(None, gt=0, description="Reference: 0.3 (linear), 0.5 (finetune).")
+    lr_backbone: float | None = Field(None, ge=0, description="Reference: 0 (linear), 0.005 (finetune).")
+    weight_decay: float | None = Field(None, ge=0, description="Reference: 1e-6 (linear), 0 (finetune).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (reference: 0.9).")
+    knn_k: int = Field(200, ge=1, description="kNN mode: neighbours that vote.")
+    knn_temperature: float = Field(0.1, gt=0, description="kNN mode: votes weigh exp(similarity / T).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reference_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            defaults = REFERENCE_EVAL.get(data.get("mode", "linear"), {})
+            data = {**defaults, **{key: value for key, value in data.items() if value is not None}}
+        return data
+
+    @model_validator(mode="after")
+    def _linear_freezes(self) -> EvalSpec:
+        if self.mode == "linear" and self.lr_backbone:
+            raise ValueError("mode=linear freezes the backbone: eval.lr_backbone must be 0 (use mode=finetune)")
+        return self
+
+
+REFERENCE_EVAL = {
+    "linear": dict(epochs=100, lr_classifier=0.3, lr_backbone=0.0, weight_decay=1e-6),
+    "finetune": dict(epochs=20, lr_classifier=0.5, lr_backbone=0.005, weight_decay=0.0),
+    "knn": dict(epochs=1, lr_classifier=0.3, lr_backbone=0.0, weight_decay=0.0),
+}
+
+
+class EvaluateSpec(_Section):
+    """An evaluation of a pretrained backbone (reference `evaluate.py`), or a kNN classification."""
+
+    backbone: BackboneSpec = Field(default_factory=BackboneSpec)
+    data: EvalDataSpec = Field(default_factory=EvalDataSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    run: RunSpec = Field(default_factory=lambda: RunSpec(output="./evaluation", log_every=50))
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+
+    @model_validator(mode="after")
+    def _data_path_when_needed(self) -> EvaluateSpec:
+        if self.data.dataset != "digits" and not self.data.path:
+            raise ValueError(f"data.path is required for data.dataset={self.data.dataset!r}")
         return self
 
 
@@ -245,8 +353,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return result
 
 
-def load_spec(path: str | Path | None, overrides: list[str] = (), world_size: int | None = None) -> TrainSpec:
-    """Read a YAML spec (or the defaults when `path` is None), apply overrides, validate."""
+def load_spec(path: str | Path | None, overrides: list[str] = (), world_size: int | None = None,
+              kind: type[_Section] | None = None) -> TrainSpec:
+    """Read a YAML spec (or the defaults when `path` is None), apply overrides, validate as `kind` (TrainSpec)."""
+    kind = kind or TrainSpec
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -259,27 +369,26 @@ def load_spec(path: str | Path | None, overrides: list[str] = (), world_size: in
             raise SpecError(f"spec file {path} must hold a mapping of sections (data, model, optim, ...)")
     data = apply_overrides(data, list(overrides))
     try:
-        return TrainSpec.model_validate(data, context={"world_size": world_size})
+        return kind.model_validate(data, context={"world_size": world_size})
     except ValidationError as error:
-        raise SpecError(describe_errors(error, source=str(path or "the spec"))) from None
+        raise SpecError(describe_errors(error, source=str(path or "the spec"), root=kind)) from None
 
 
-def describe_errors(error: ValidationError, source: str) -> str:
+def describe_errors(error: ValidationError, source: str, root: type[BaseModel] | None = None) -> str:
     """One line per problem, named by its dotted field path, with a suggestion for misspelt fields."""
     lines = [f"{source}: {error.error_count()} problem(s)"]
     for problem in error.errors():
         where = ".".join(str(part) for part in problem["loc"]) or "spec"
         message = problem["msg"].removeprefix("Value error, ")
         if problem["type"] == "extra_forbidden":
-            message = "unknown field" + _did_you_mean(problem["loc"])
+            message = "unknown field" + _did_you_mean(problem["loc"], root or TrainSpec)
         elif "input" in problem and problem["type"] not in ("missing", "value_error"):
             message += f" (got {problem['input']!r})"
         lines.append(f"  {where}: {message}")
     return "\n".join(lines)
 
 
-def _did_you_mean(location: tuple[Any, ...]) -> str:
-    model: type[BaseModel] = TrainSpec
+def _did_you_mean(location: tuple[Any, ...], model: type[BaseModel]) -> str:
     for part in location[:-1]:
         field = model.model_fields.get(str(part))
         if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
@@ -289,7 +398,7 @@ def _did_you_mean(location: tuple[Any, ...]) -> str:
     return f"; did you mean {close[0]!r}?" if close else f"; valid fields: {', '.join(model.model_fields)}"
 
 
-def spec_to_yaml(spec: TrainSpec) -> str:
+def spec_to_yaml(spec: BaseModel) -> str:
     return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
-from service.spec import AugmentSpec
+from service.spec import AugmentSpec, EvalDataSpec
 
 JITTER = dict(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
 BLUR_SIGMA = (0.1, 2.0)
@@ -42,3 +42,20 @@ def view_pipeline(spec: AugmentSpec, image_size: int, view: int) -> v2.Compose:
 
 def two_view_pipelines(spec: AugmentSpec, image_size: int) -> tuple[v2.Compose, v2.Compose]:
     return view_pipeline(spec, image_size, 0), view_pipeline(spec, image_size, 1)
+
+
+def classification_pipelines(spec: EvalDataSpec) -> tuple[v2.Compose, v2.Compose]:
+    """The reference evaluate.py's transforms: training RandomResizedCrop + flip; validation Resize(size*256/224)
+    then CenterCrop(size); both normalised."""
+    finish = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(spec.mean), std=list(spec.std))]
+    train = v2.Compose([
+        v2.RandomResizedCrop(spec.image_size, scale=spec.train_crop_scale, antialias=True),
+        v2.RandomHorizontalFlip(p=spec.horizontal_flip),
+        *finish,
+    ])
+    validation = v2.Compose([
+        v2.Resize(round(spec.image_size * 256 / 224), antialias=True),
+        v2.CenterCrop(spec.image_size),
+        *finish,
+    ])
+    return train, validation
