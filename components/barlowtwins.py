@@ -8,6 +8,10 @@
         --spec specs/imagenet-1000ep.yaml --image REGISTRY/barlowtwins-service:TAG --nnodes 2:4 --h gpu_8xh100 \\
         run.output=s3://BUCKET/runs/bt checkpoint.every_steps=500
 
+    # the reference's linear probe of that run's backbone, on the same cluster
+    torchx run -s kubernetes barlowtwins.evaluate --spec specs/imagenet-linear.yaml --image ... --h gpu_8xh100 \
+        backbone.weights=s3://BUCKET/runs/bt run.output=s3://BUCKET/runs/bt-linear
+
 `barlow submit` launches the same AppDef and completes what torchx 0.7.0's Kubernetes scheduler leaves out
 (memory in MiB, /dev/shm size, tolerations, pull secrets, security context, storage credentials).
 """
@@ -77,6 +81,55 @@ def train(
         mounts: volumes, e.g. type=volume,src=imagenet,dst=/data/imagenet,readonly
         name: job name
     """
+    return _torchrun_job("train", spec, overrides, image, nnodes, nproc_per_node, h, gpu, cpu, memMB, shmMB,
+                         max_restarts, rdzv_port, env, mounts, name, role="trainer")
+
+
+def evaluate(
+    spec: str,
+    *overrides: str,
+    image: str = DEFAULT_IMAGE,
+    nnodes: str = "1",
+    nproc_per_node: Optional[int] = None,
+    h: Optional[str] = None,
+    gpu: int = 0,
+    cpu: Optional[int] = None,
+    memMB: Optional[int] = None,
+    shmMB: Optional[int] = None,
+    max_restarts: int = 3,
+    rdzv_port: int = 29500,
+    env: Optional[Dict[str, str]] = None,
+    mounts: Optional[List[str]] = None,
+    name: str = "barlowtwins-eval",
+) -> specs.AppDef:
+    """Evaluation of a pretrained backbone (linear probe, finetune, kNN) as a torchrun job, like training.
+
+    Args:
+        spec: the evaluation spec's path inside the image (or the working directory for local_cwd), e.g. specs/digits-linear.yaml
+        overrides: spec overrides, section.field=value (e.g. backbone.weights=s3://bucket/runs/x eval.mode=finetune)
+        image: the training image (ignored by local_cwd)
+        nnodes: number of nodes N, or MIN:MAX for an elastic job that continues on fewer nodes
+        nproc_per_node: workers per node; default: one per GPU, or 1 without GPUs
+        h: a named resource (gpu_8xh100, gpu_8xa100); takes precedence over gpu, cpu, memMB and shmMB
+        gpu: GPUs per node
+        cpu: CPUs per node; default: 10 per GPU, or 2 per CPU worker
+        memMB: memory per node in MiB; default: 80 GiB per GPU, or 4 GiB per CPU worker
+        shmMB: /dev/shm size per node in MiB (applied by barlow submit); default: 8 GiB per GPU, or 1 GiB per CPU worker
+        max_restarts: times torchrun restarts the worker group after a failure; each restart resumes from the last checkpoint
+        rdzv_port: port of the c10d rendezvous on the first node
+        env: extra environment variables, e.g. AWS_REGION=us-east-1
+        mounts: volumes, e.g. type=volume,src=imagenet,dst=/data/imagenet,readonly
+        name: job name
+    """
+    return _torchrun_job("evaluate", spec, overrides, image, nnodes, nproc_per_node, h, gpu, cpu, memMB, shmMB,
+                         max_restarts, rdzv_port, env, mounts, name, role="evaluator")
+
+
+def _torchrun_job(subcommand: str, spec: str, overrides: tuple, image: str, nnodes: str, nproc_per_node: Optional[int],
+                  h: Optional[str], gpu: int, cpu: Optional[int], memMB: Optional[int], shmMB: Optional[int],
+                  max_restarts: int, rdzv_port: int, env: Optional[Dict[str, str]], mounts: Optional[List[str]],
+                  name: str, role: str) -> specs.AppDef:
+    """`barlow <subcommand> <spec>` as an elastic torchrun job: what train and evaluate share."""
     low, high = parse_nnodes(nnodes)
     if max_restarts < 0:
         raise ValueError(f"max_restarts must be >= 0, got {max_restarts}")
@@ -109,7 +162,7 @@ def train(
         "--nnodes", f"{low}:{high}" if low != high else str(low),
         "--nproc_per_node", str(nproc),
         "--max_restarts", str(max_restarts),
-        "-m", "service", "train", spec,
+        "-m", "service", subcommand, spec,
     ]
     for override in overrides:
         command += ["--set", override]
@@ -117,7 +170,7 @@ def train(
         name=name,
         roles=[
             specs.Role(
-                name="trainer",
+                name=role,
                 image=image,
                 entrypoint="bash",
                 # the endpoint stays unquoted so that bash expands the first node's address

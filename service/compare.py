@@ -6,21 +6,15 @@ few-shot nearest neighbour). The built-in demo ends with this table.
 from __future__ import annotations
 
 import torch
-from torchvision.transforms import v2
 
 from service.data import Transformed, labelled_images
 from service.export import load_pretrained
 from service.model import build_backbone
 from service.probes import extract_features, few_shot_accuracy, knn_accuracy, linear_accuracy
 from service.spec import TrainSpec
+from service.transforms import feature_pipeline
 
 PROBES = ("kNN (k=200)", "linear", "5-shot 1-NN")
-
-
-def feature_transform(spec: TrainSpec) -> v2.Compose:
-    size = spec.data.image_size
-    return v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(mean=list(spec.augment.mean), std=list(spec.augment.std))])
 
 
 def probe_all(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
@@ -31,7 +25,7 @@ def probe_all(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor
 
 def compare(spec: TrainSpec, weights: str) -> dict[str, dict[str, float]]:
     """{feature source: {probe: accuracy}} for the pretrained backbone, a random initialisation and raw pixels."""
-    transform = feature_transform(spec)
+    transform = feature_pipeline(spec.data.image_size, spec.augment.mean, spec.augment.std)
     train = Transformed(labelled_images(spec.data, train=True), transform)
     test = Transformed(labelled_images(spec.data, train=False), transform)
 

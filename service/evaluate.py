@@ -28,7 +28,7 @@ from service.data import DataError, Transformed, labelled_images, shard, targets
 from service.export import load_pretrained, write_backbone
 from service.metrics import TrainingStats
 from service.model import build_backbone
-from service.probes import knn_scores, topk_correct
+from service.probes import gathered_features, knn_scores, topk_correct
 from service.spec import EvaluateSpec, spec_to_yaml
 from service.storage import filesystem, is_remote
 from service.subsets import balanced_indices, indices_from_list, read_subset_list
@@ -115,25 +115,6 @@ def count_correct(model: nn.Module, images: Dataset, worker: distributed.Worker,
     if worker.world_size > 1:
         dist.all_reduce(counts)
     return int(counts[0]), int(counts[1]), int(counts[2])
-
-
-@torch.no_grad()
-def gathered_features(network: nn.Module, images: Dataset, worker: distributed.Worker, batch_size: int,
-                      workers: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features (fc removed) and labels of every image, computed in shares and gathered on every rank, in order."""
-    network.eval()
-    mine = torch.utils.data.Subset(images, shard(len(images), worker.rank, worker.world_size))
-    features, labels = [], []
-    for x, y in DataLoader(mine, batch_size=batch_size, num_workers=workers):
-        features.append(network(x.to(worker.device)).float().cpu())
-        labels.append(torch.as_tensor(y))
-    features = torch.cat(features) if features else torch.zeros(0, 0)
-    labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
-    if worker.world_size == 1:
-        return features, labels
-    shares: list = [None] * worker.world_size
-    dist.all_gather_object(shares, (features, labels))
-    return torch.cat([f for f, _ in shares if len(f)]), torch.cat([y for _, y in shares])
 
 
 def evaluate(spec: EvaluateSpec, command: str) -> EvaluationResult:

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+from service.data import shard
 
 
 def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
@@ -45,6 +48,25 @@ def extract_features(backbone: nn.Module, images: Dataset, device: torch.device 
         labels.append(torch.as_tensor(y))
     backbone.train(was_training)
     return torch.cat(features), torch.cat(labels)
+
+
+@torch.no_grad()
+def gathered_features(network: nn.Module, images: Dataset, worker, batch_size: int,
+                      workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (fc removed) and labels of every image, computed in shares and gathered on every rank, in order."""
+    network.eval()
+    mine = torch.utils.data.Subset(images, shard(len(images), worker.rank, worker.world_size))
+    features, labels = [], []
+    for x, y in DataLoader(mine, batch_size=batch_size, num_workers=workers):
+        features.append(network(x.to(worker.device)).float().cpu())
+        labels.append(torch.as_tensor(y))
+    features = torch.cat(features) if features else torch.zeros(0, 0)
+    labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+    if worker.world_size == 1:
+        return features, labels
+    shares: list = [None] * worker.world_size
+    dist.all_gather_object(shares, (features, labels))
+    return torch.cat([f for f, _ in shares if len(f)]), torch.cat([y for _, y in shares])
 
 
 def knn_accuracy(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],

@@ -18,15 +18,16 @@ from torch.nn.parallel import DistributedDataParallel
 from service import distributed
 from service.batchnorm import convert_sync_batchnorm
 from service.checkpoint import CheckpointManager
-from service.data import labelled_images, two_view_loader
+from service.data import Transformed, labelled_images, two_view_loader
 from service.export import export_backbone
 from service.loss import barlow_twins_loss
 from service.metrics import TrainingStats
 from service.model import BarlowTwins
 from service.optim import LearningRateSchedule, build_lars
 from service.preemption import Preemption
+from service.probes import gathered_features, knn_scores, topk_correct
 from service.spec import LossSpec, TrainSpec
-from service.transforms import two_view_pipelines
+from service.transforms import feature_pipeline, two_view_pipelines
 
 log = logging.getLogger("barlow")
 
@@ -95,6 +96,40 @@ def training_step(model, optimizer, scaler, precision: Precision, loss_spec: Los
     return loss.detach()
 
 
+class KnnMonitor:
+    """The kNN monitor (spec.monitor): top-1 of a weighted kNN classifier on the backbone's features, every N epochs.
+
+    The labelled training images are the memory bank and the held-out split the queries; both are embedded in
+    shares across the workers and gathered, so every worker computes the same accuracy. Nothing here trains.
+    """
+
+    def __init__(self, spec: TrainSpec, worker: distributed.Worker):
+        self.spec = spec.monitor
+        self.epochs = spec.optim.epochs
+        self.worker = worker
+        self.batch_size = max(1, 256 // worker.world_size)
+        self.workers = spec.data.workers
+        if self.spec.knn_every_epochs:
+            transform = feature_pipeline(spec.data.image_size, spec.augment.mean, spec.augment.std)
+            self.bank = Transformed(labelled_images(spec.data, train=True), transform)
+            self.queries = Transformed(labelled_images(spec.data, train=False), transform)
+
+    def due(self, epoch: int) -> bool:
+        every = self.spec.knn_every_epochs
+        return bool(every) and ((epoch + 1) % every == 0 or epoch + 1 == self.epochs)
+
+    def run(self, backbone: nn.Module, epoch: int, step: int, stats: TrainingStats) -> float:
+        was_training = backbone.training
+        bank = gathered_features(backbone, self.bank, self.worker, self.batch_size, self.workers)
+        queries = gathered_features(backbone, self.queries, self.worker, self.batch_size, self.workers)
+        backbone.train(was_training)
+        scores = knn_scores(bank[0], bank[1], queries[0], int(bank[1].max()) + 1, k=self.spec.knn_k,
+                            temperature=self.spec.knn_temperature)
+        accuracy = 100 * topk_correct(scores, queries[1], ks=(1,))[0] / len(queries[1])
+        stats.record(epoch=epoch, step=step, knn_top1=accuracy)
+        return accuracy
+
+
 def train(spec: TrainSpec, command: str) -> TrainResult:
     worker = distributed.start(spec.run.device)
     try:
@@ -132,6 +167,7 @@ def _train(spec: TrainSpec, command: str, worker: distributed.Worker) -> TrainRe
     stats = TrainingStats(spec.run.output, spec.storage, command, total_steps=total_steps, enabled=worker.is_main)
     stats.advance(step)
     preemption = Preemption()
+    monitor = KnnMonitor(spec, worker)
     log.info("training %s on %d worker(s), %s, %d steps per epoch, global batch %d", spec.model.backbone,
              worker.world_size, worker.device, steps_per_epoch, spec.optim.batch_size)
 
@@ -163,6 +199,8 @@ def _train(spec: TrainSpec, command: str, worker: distributed.Worker) -> TrainRe
                     stats.sync()
             if preempted:
                 break
+            if monitor.due(epoch):
+                monitor.run(model.backbone, epoch, step, stats)
         if not preempted and checkpointer.last_saved_step != step:
             checkpointer.save(step, wait=True)
     finally:

@@ -59,3 +59,9 @@ def classification_pipelines(spec: EvalDataSpec) -> tuple[v2.Compose, v2.Compose
         *finish,
     ])
     return train, validation
+
+
+def feature_pipeline(image_size: int, mean, std) -> v2.Compose:
+    """Frozen-feature probes: the image at the training resolution, centred and normalised, nothing random."""
+    return v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))])
