@@ -116,7 +116,7 @@ class CheckpointManager:
 
     def __init__(self, *, run_url: str, spec: CheckpointSpec, storage: StorageSpec, worker: Worker,
                  model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                 steps_per_epoch: int, resolved_spec: dict):
+                 steps_per_epoch: int, resolved_spec: dict, model_section: str = "model"):
         self.run_url = run_url
         self.spec = spec
         self.storage = storage
@@ -126,6 +126,7 @@ class CheckpointManager:
         self.scaler = scaler
         self.steps_per_epoch = steps_per_epoch
         self.resolved_spec = resolved_spec
+        self.model_section = model_section  # the spec section that defines the saved network
         self.root = checkpoints_url(run_url)
         check_writable(self.root, storage)
         self.group = new_cpu_group()
@@ -282,12 +283,12 @@ class CheckpointManager:
         return chosen.step
 
     def _check_compatible(self, checkpoint: CheckpointInfo) -> None:
-        theirs = checkpoint.manifest["spec"]["model"]
-        ours = self.resolved_spec["model"]
+        theirs = checkpoint.manifest["spec"].get(self.model_section)
+        ours = self.resolved_spec[self.model_section]
         if theirs != ours:
             raise CheckpointError(
                 f"{checkpoint.url} holds a different model ({theirs}) from this run's spec ({ours}): use a spec "
-                "with the same model section, another run.output, or checkpoint.resume=none"
+                f"with the same {self.model_section} section, another run.output, or checkpoint.resume=none"
             )
         if checkpoint.manifest["steps_per_epoch"] != self.steps_per_epoch:
             raise CheckpointError(

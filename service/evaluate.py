@@ -178,6 +178,7 @@ def _evaluate(spec: EvaluateSpec, command: str, worker: distributed.Worker) -> E
     checkpointer = CheckpointManager(
         run_url=spec.run.output, spec=spec.checkpoint, storage=spec.storage, worker=worker, model=model,
         optimizer=optimizer, scaler=scaler, steps_per_epoch=steps_per_epoch, resolved_spec=spec.model_dump(mode="json"),
+        model_section="backbone",
     )
     step = checkpointer.restore()
     first_epoch = -(-step // steps_per_epoch)  # evaluation checkpoints are taken at epoch ends
