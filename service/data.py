@@ -186,19 +186,33 @@ def two_view_loader(
 
 
 class Transformed(Dataset):
-    """(image, label) pairs of a labelled data set, restricted to `indices`, through `transform`."""
+    """(image, label) pairs of a labelled data set, restricted to `indices`, through `transform`.
 
-    def __init__(self, images: Dataset, transform: v2.Transform, indices: list[int] | None = None):
+    With a `seed`, a random transform is seeded by (seed, epoch, index) as the pretraining views are: an image's
+    crop is the same whichever rank or loader process draws it. Call set_epoch before iterating each epoch.
+    """
+
+    def __init__(self, images: Dataset, transform: v2.Transform, indices: list[int] | None = None,
+                 seed: int | None = None):
         self.images = images
         self.transform = transform
         self.indices = list(range(len(images))) if indices is None else list(indices)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image, label = self.images[self.indices[index]]
-        return self.transform(image).as_subclass(torch.Tensor), label
+        if self.seed is None:
+            return self.transform(image).as_subclass(torch.Tensor), label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, self.epoch, self.indices[index]))
+            return self.transform(image).as_subclass(torch.Tensor), label
 
 
 def targets_of(images: Dataset) -> list[int]:

@@ -168,7 +168,7 @@ def _evaluate(spec: EvaluateSpec, command: str, worker: distributed.Worker) -> E
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, spec.eval.epochs)
     trained = DistributedDataParallel(model) if worker.world_size > 1 else model
 
-    train_set = Transformed(train_images, train_transform, indices)
+    train_set = Transformed(train_images, train_transform, indices, seed=spec.run.seed)
     sampler = DistributedSampler(train_set, num_replicas=worker.world_size, rank=worker.rank, seed=spec.run.seed)
     loader = DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler, num_workers=spec.data.workers,
                         pin_memory=worker.device.type == "cuda", drop_last=False)
@@ -195,6 +195,7 @@ def _evaluate(spec: EvaluateSpec, command: str, worker: distributed.Worker) -> E
         for epoch in range(first_epoch, spec.eval.epochs):
             model.eval() if frozen else model.train()  # the reference keeps the frozen backbone's BN statistics
             sampler.set_epoch(epoch)
+            train_set.set_epoch(epoch)
             for batch, (x, y) in enumerate(loader):
                 x, y = x.to(worker.device, non_blocking=True), y.to(worker.device, non_blocking=True)
                 with precision.autocast():
