@@ -26,7 +26,7 @@ from service.checkpoint import CheckpointError, list_checkpoints
 from service.data import DataError
 from service.metrics import NonFiniteLoss
 from service.export import export_checkpoint
-from service.spec import EvaluateSpec, SpecError, StorageSpec, json_schema, load_spec, spec_to_yaml
+from service.spec import EvaluateSpec, SpecError, StorageSpec, json_schema, load_spec, spec_kind, spec_to_yaml
 from service.storage import StorageError
 
 log = logging.getLogger("barlow")
@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
                           help="check that the global batch divides over this many workers")
     schema = commands.add_parser("schema", help="Print the spec's JSON Schema.")
     schema.add_argument("-o", "--output", help="write to this file instead of standard output")
+    schema.add_argument("--evaluation", action="store_true", help="the evaluation spec's schema (barlow evaluate)")
 
     def with_storage(command: argparse.ArgumentParser) -> argparse.ArgumentParser:
         command.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, Ceph, R2); default: AWS")
@@ -118,18 +119,20 @@ def _key_values(items: list[str], what: str) -> dict[str, str]:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from components.barlowtwins import train as train_component
+    from components import barlowtwins
     from components.resources import WORKERS_METADATA
     from service.submit import KubernetesOptions, kubernetes_dryrun, max_world_size, stream_logs
 
-    app = train_component(
+    kind = spec_kind(args.spec)
+    component = barlowtwins.evaluate if kind is EvaluateSpec else barlowtwins.train
+    app = component(
         args.spec, *args.overrides, image=args.image, nnodes=args.nnodes, nproc_per_node=args.nproc_per_node,
         h=args.named_resource, gpu=args.gpu, cpu=args.cpu, memMB=args.mem_mb, shmMB=args.shm_mb,
         max_restarts=args.max_restarts, env=_key_values(args.env, "--env") or None, mounts=[part for mount in args.mount for part in mount.split(",")] or None,
-        name=args.name,
+        name=args.name if args.name != "barlowtwins" or kind is not EvaluateSpec else "barlowtwins-eval",
     )
     nproc = app.roles[0].metadata[WORKERS_METADATA]
-    load_spec(args.spec, args.overrides, world_size=max_world_size(args.nnodes, nproc))
+    load_spec(args.spec, args.overrides, world_size=max_world_size(args.nnodes, nproc), kind=kind)
     if args.scheduler == "kubernetes":
         options = KubernetesOptions(
             queue=args.queue, namespace=args.namespace, service_account=args.service_account,
@@ -221,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging()
     try:
         if args.command == "schema":
-            text = json.dumps(json_schema(), indent=2)
+            text = json.dumps(json_schema(EvaluateSpec if args.evaluation else None), indent=2)
             if args.output:
                 with open(args.output, "w") as file:
                     file.write(text + "\n")
@@ -240,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.out}: {len(backbone)} tensors of the backbone, torchvision key names, no fc")
             return 0
         if args.command == "validate":
-            spec = load_spec(args.spec, args.overrides, world_size=args.world_size)
+            spec = load_spec(args.spec, args.overrides, world_size=args.world_size, kind=spec_kind(args.spec))
             print(spec_to_yaml(spec), end="")
             return 0
         if args.command == "evaluate":

@@ -374,6 +374,15 @@ def load_spec(path: str | Path | None, overrides: list[str] = (), world_size: in
         raise SpecError(describe_errors(error, source=str(path or "the spec"), root=kind)) from None
 
 
+def spec_kind(path: str | Path) -> type[TrainSpec] | type[EvaluateSpec]:
+    """EvaluateSpec for a YAML file with an `eval` or `backbone` section, TrainSpec otherwise."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return TrainSpec  # load_spec reports the problem
+    return EvaluateSpec if isinstance(data, dict) and ({"eval", "backbone"} & set(data)) else TrainSpec
+
+
 def describe_errors(error: ValidationError, source: str, root: type[BaseModel] | None = None) -> str:
     """One line per problem, named by its dotted field path, with a suggestion for misspelt fields."""
     lines = [f"{source}: {error.error_count()} problem(s)"]
@@ -402,5 +411,5 @@ def spec_to_yaml(spec: BaseModel) -> str:
     return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
 
 
-def json_schema() -> dict[str, Any]:
-    return TrainSpec.model_json_schema()
+def json_schema(kind: type[BaseModel] | None = None) -> dict[str, Any]:
+    return (kind or TrainSpec).model_json_schema()

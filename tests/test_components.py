@@ -8,7 +8,7 @@ from torchx import specs
 from torchx.specs.finder import get_components
 from torchx.specs.file_linter import validate
 
-from components.barlowtwins import parse_nnodes, train
+from components.barlowtwins import evaluate, parse_nnodes, train
 from service.cli import main
 from service.submit import KubernetesOptions, complete_volcano_job, kubernetes_dryrun, parse_toleration
 from tests.k8s_schemas import checkov_failures, template_as_pod, validate_core, validate_volcano
@@ -32,7 +32,27 @@ def test_component_passes_torchx_validation():
 
 def test_registered_with_the_builtins_kept():
     components = get_components()
-    assert "barlowtwins.train" in components and "dist.ddp" in components
+    assert {"barlowtwins.train", "barlowtwins.evaluate", "dist.ddp"} <= set(components)
+
+
+def test_evaluate_component_runs_barlow_evaluate_like_training():
+    assert validate(COMPONENT, "evaluate") == []
+    app = evaluate("specs/imagenet-linear.yaml", "eval.mode=finetune", nnodes="2", h="gpu_8xh100")
+    text = command(app)
+    assert "-m service evaluate specs/imagenet-linear.yaml --set eval.mode=finetune" in text
+    assert app.roles[0].name == "evaluator" and app.roles[0].num_replicas == 2
+    assert option(text, "--nproc_per_node") == "8"
+
+
+def test_submit_picks_the_evaluate_component_for_an_evaluation_spec(capsys):
+    assert main(["submit", "specs/imagenet-linear.yaml", "--scheduler", "kubernetes", "--dryrun", "--gpu", "1"]) == 0
+    job = yaml.safe_load(capsys.readouterr().out)
+    validate_volcano(job)
+    assert "-m service evaluate specs/imagenet-linear.yaml" in \
+        job["spec"]["tasks"][0]["template"]["spec"]["containers"][0]["command"][2]
+    assert main(["submit", "specs/imagenet-linear.yaml", "--scheduler", "kubernetes", "--dryrun",
+                 "--set", "eval.mdoe=knn"]) == 2
+    assert "did you mean 'mode'" in capsys.readouterr().err
 
 
 def test_single_node_cpu_job():
