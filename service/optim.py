@@ -8,6 +8,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from service import multi_tensor
+
 
 class LARS(torch.optim.Optimizer):
     """LARS (You et al. 2017) as the Barlow Twins reference implements it.
@@ -29,7 +31,9 @@ class LARS(torch.optim.Optimizer):
         eta: float = 0.001,
         weight_decay_filter: bool = False,
         lars_adaptation_filter: bool = False,
+        foreach: bool = True,
     ):
+        self.foreach = foreach
         defaults = dict(
             lr=lr,
             weight_decay=weight_decay,
@@ -51,6 +55,9 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            if self.foreach:
+                self._multi_tensor_step(group)
+                continue
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -75,6 +82,38 @@ class LARS(torch.optim.Optimizer):
                 mu.mul_(group["momentum"]).add_(dp)
                 p.add_(mu, alpha=-group["lr"])
         return loss
+
+    def _multi_tensor_step(self, group: dict) -> None:
+        """The same update as the per-parameter loop, over all of a group's tensors at once (no host sync)."""
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        exempt = [self._is_bias_or_norm(p) for p in params]
+        decayed = [i for i, e in enumerate(exempt) if not (group["weight_decay_filter"] and e)]
+        # new tensors: the gradients themselves are never scaled
+        updates = [p.grad.clone() for p in params]
+        if decayed and group["weight_decay"]:
+            with_decay = multi_tensor.add([params[i].grad for i in decayed], [params[i] for i in decayed],
+                                          alpha=group["weight_decay"])
+            for i, update in zip(decayed, with_decay):
+                updates[i] = update
+        adapted = [i for i, e in enumerate(exempt) if not (group["lars_adaptation_filter"] and e)]
+        if adapted:
+            param_norm = multi_tensor.norms([params[i] for i in adapted])
+            update_norm = multi_tensor.norms([updates[i] for i in adapted])
+            one = torch.ones_like(param_norm)
+            trust = torch.where(param_norm > 0.0,
+                                torch.where(update_norm > 0.0, group["eta"] * param_norm / update_norm, one), one)
+            multi_tensor.mul_([updates[i] for i in adapted], trust)
+        mus = []
+        for p in params:
+            state = self.state[p]
+            if "mu" not in state:
+                state["mu"] = torch.zeros_like(p)
+            mus.append(state["mu"])
+        multi_tensor.mul_(mus, group["momentum"])
+        multi_tensor.add_(mus, updates)
+        multi_tensor.add_(params, mus, alpha=-group["lr"])
 
 
 def parameter_groups(model: nn.Module) -> list[dict]:

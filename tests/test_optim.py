@@ -7,6 +7,7 @@ Schedule: base = batch/256; linear warm-up from 0 over the warm-up steps, then a
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -277,3 +278,33 @@ def test_apply_sets_param_group_rates():
     assert returned == (optimizer.param_groups[0]["lr"], optimizer.param_groups[1]["lr"])
     schedule.apply(optimizer, 0)
     assert [g["lr"] for g in optimizer.param_groups] == [0.0, 0.0]
+
+
+def test_multi_tensor_lars_equals_the_per_parameter_lars_over_several_steps():
+    from service.model import BarlowTwins
+    from service.optim import build_lars
+    from service.spec import ModelSpec
+
+    torch.manual_seed(0)
+    reference = BarlowTwins(ModelSpec(backbone="resnet18", stem="cifar", projector="64-32"))
+    fused = copy.deepcopy(reference)
+    optimizers = []
+    for model, foreach in ((reference, False), (fused, True)):
+        optimizer = build_lars(model, weight_decay=1.5e-6, momentum=0.9, eta=0.001)
+        optimizer.foreach = foreach
+        optimizers.append(optimizer)
+    generator = torch.Generator().manual_seed(1)
+    for step in range(4):
+        y1, y2 = torch.randn(8, 3, 16, 16, generator=generator), torch.randn(8, 3, 16, 16, generator=generator)
+        for model, optimizer in zip((reference, fused), optimizers):
+            for group, lr in zip(optimizer.param_groups, (0.2, 0.0048)):
+                group["lr"] = lr
+            optimizer.zero_grad()
+            z1, z2 = model(y1, y2)
+            (z1 - z2).pow(2).sum().backward()
+            model.projector[-1].weight.grad = None if step == 2 else model.projector[-1].weight.grad  # skipped
+            optimizer.step()
+    for (name, a), b in zip(reference.state_dict().items(), fused.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9, msg=name)
+    for a, b in zip(reference.parameters(), fused.parameters()):
+        torch.testing.assert_close(optimizers[1].state[b]["mu"], optimizers[0].state[a]["mu"], rtol=1e-6, atol=1e-9)

@@ -1,0 +1,27 @@
+"""The multi-tensor ("foreach") kernels the fused LARS step uses: one launch for a list of tensors instead of one
+per parameter. They are torch's private `torch._foreach_*` operators (those torch's own optimizers run on); this is
+the one module that names them."""
+
+from __future__ import annotations
+
+import torch
+
+
+def norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of each tensor, stacked."""
+    return torch.stack(torch._foreach_norm(tensors)) if tensors else torch.zeros(0)
+
+
+def add(tensors: list[torch.Tensor], others: list[torch.Tensor], alpha: float) -> list[torch.Tensor]:
+    """[t + alpha * o], new tensors."""
+    return list(torch._foreach_add(tensors, others, alpha=alpha))
+
+
+def mul_(tensors: list[torch.Tensor], scalars: torch.Tensor | float) -> None:
+    """t *= s in place, with one scalar for all or one 0-d tensor per tensor."""
+    torch._foreach_mul_(tensors, list(scalars.unbind()) if isinstance(scalars, torch.Tensor) else scalars)
+
+
+def add_(tensors: list[torch.Tensor], others: list[torch.Tensor], alpha: float = 1.0) -> None:
+    """t += alpha * o in place."""
+    torch._foreach_add_(tensors, others, alpha=alpha)
