@@ -92,6 +92,42 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return _AllReduceSum.apply(tensor)
 
 
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        counts = torch.zeros(world, dtype=torch.long, device=tensor.device)
+        counts[rank] = tensor.shape[0]
+        dist.all_reduce(counts)  # the shares may differ by one row (GlobalBatchSampler)
+        counts = counts.tolist()
+        padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        gathered = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(gathered, padded.contiguous())
+        ctx.rows = (sum(counts[:rank]), tensor.shape[0])
+        ctx.world = world
+        return torch.cat([part[:count] for part, count in zip(gathered, counts)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        # Every worker computes the same loss from the gathered rows, so its own rows' gradient is already the
+        # full one: no communication. Times W, as all_reduce_sum's, for DDP's average to give the true gradient.
+        start, count = ctx.rows
+        return grad[start:start + count] * ctx.world
+
+
+def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every worker's rows, concatenated in rank order; the backward pass needs no communication (see above)."""
+    if world_size() == 1:
+        return tensor
+    return _GatherRows.apply(tensor)
+
+
+def spans_nodes() -> bool:
+    """Whether the workers are on more than one node (torchrun's LOCAL_WORLD_SIZE is the workers per node)."""
+    return world_size() > int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

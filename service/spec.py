@@ -123,6 +123,12 @@ class LossSpec(_Section):
         "use 1/world_size of the true gradient. Set this to the reference run's GPU count (16 for the seed README's "
         "run, 32 for the paper) to divide gradients by it at any world size. Unset: the true gradient.",
     )
+    communication: Literal["auto", "reduce", "gather"] = Field(
+        "auto", description="How workers combine the cross-correlation: `reduce` all-reduces the D x D matrix (the "
+        "reference), `gather` all-gathers the embeddings and computes it whole on every worker; the same loss and "
+        "gradients. `auto`: `gather` when the job spans several nodes and the global batch is under twice the "
+        "embedding size (fewer bytes where bytes are dear), else `reduce`; see bench/README.md.",
+    )
 
 
 class OptimSpec(_Section):

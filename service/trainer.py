@@ -88,7 +88,7 @@ def training_step(model, optimizer, scaler, precision: Precision, loss_spec: Los
     optimizer.zero_grad(set_to_none=True)
     with precision.autocast():
         z1, z2 = model(y1, y2)
-    loss = barlow_twins_loss(z1, z2, loss_spec.lambd) * loss_spec.scale_loss
+    loss = barlow_twins_loss(z1, z2, loss_spec.lambd, loss_spec.communication) * loss_spec.scale_loss
     # The logged loss is the reference's; only the gradient is divided, as the reference's was, when asked.
     scaler.scale(loss / (loss_spec.reference_world_size or 1)).backward()
     scaler.step(optimizer)

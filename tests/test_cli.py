@@ -70,6 +70,10 @@ def test_digits_pretraining_under_torchrun_loss_falls_and_exports(tmp_path):
 
     command, lines = stats_lines(output)
     assert command.startswith("barlow train ") and "optim.epochs=3" in command
+    monitor = [line for line in lines if "knn_top1" in line]  # specs/digits.yaml: every 2 epochs and the last
+    assert [(line["epoch"], line["step"]) for line in monitor] == [(1, 16), (2, 24)]
+    assert all(0 <= line["knn_top1"] <= 100 for line in monitor)
+    lines = [line for line in lines if "knn_top1" not in line]
     assert [line["step"] for line in lines] == list(range(24))  # 1078 digits // 128 = 8 steps per epoch
     assert all(set(line) == {"epoch", "step", "lr_weights", "lr_biases", "loss", "time"} for line in lines)
     losses = [line["loss"] for line in lines]
@@ -95,7 +99,9 @@ def test_rerun_resumes_from_the_last_epoch_checkpoint(tmp_path):
     text = (output / "stats.txt").read_text().splitlines()
     second_start = [i for i, line in enumerate(text) if line.startswith("barlow ")][1]
     resumed = [json.loads(line) for line in text[second_start + 1:]]
-    assert [line["step"] for line in resumed] == list(range(8, 16)) and {l["epoch"] for l in resumed} == {1}
+    training = [line for line in resumed if "loss" in line]
+    assert [line["step"] for line in training] == list(range(8, 16)) and {l["epoch"] for l in training} == {1}
+    assert [(line["epoch"], line["step"]) for line in resumed if "knn_top1" in line] == [(1, 16)]
     assert "resumed from" in result.stderr
     second_backbone = torch.load(output / "resnet18.pth", weights_only=True)
     assert not torch.equal(first_backbone["conv1.weight"], second_backbone["conv1.weight"])

@@ -212,3 +212,11 @@ def test_mismatched_shapes_are_rejected():
         barlow_twins_loss(torch.zeros(4, 3), torch.zeros(4, 5))
     with pytest.raises(ValueError):
         barlow_twins_loss(torch.zeros(4, 3, 2), torch.zeros(4, 3, 2))
+
+
+def test_communication_plan_chosen_by_bytes_where_bytes_are_dear():
+    from service.loss import choose_communication
+
+    assert choose_communication(2048, 8192, multi_node=True) == "gather"   # 2 N D < 4 D^2: 8x fewer bytes
+    assert choose_communication(20000, 8192, multi_node=True) == "reduce"  # N >= 2 D: the matrix is smaller
+    assert choose_communication(2048, 8192, multi_node=False) == "reduce"  # NVLink: bytes are cheap, matmuls not

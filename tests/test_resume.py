@@ -59,7 +59,7 @@ def read_outputs(fs, run: str) -> tuple[dict, dict[int, float]]:
         backbone = torch.load(file, weights_only=True)
     losses = {}
     for line in fs.cat_file(f"{run}/stats.txt").decode().splitlines():
-        if line.startswith("{"):
+        if line.startswith("{") and '"loss"' in line:  # training lines, not the kNN monitor's
             entry = json.loads(line)
             losses[entry["step"]] = entry["loss"]
     return backbone, losses

@@ -66,7 +66,7 @@ def kill_a_worker_after_a_mid_epoch_checkpoint(output: Path, process: subprocess
 def outcome(output: Path) -> tuple[dict, dict[int, list[float]]]:
     losses: dict[int, list[float]] = {}
     for line in (output / "stats.txt").read_text().splitlines():
-        if line.startswith("{"):
+        if line.startswith("{") and '"loss"' in line:  # training lines, not the kNN monitor's
             entry = json.loads(line)
             losses.setdefault(entry["step"], []).append(entry["loss"])
     return torch.load(output / "resnet18.pth", weights_only=True), losses

@@ -2,7 +2,7 @@
 
 Each worker takes its contiguous slice of the global batch (as GlobalBatchSampler does). Rank 0 saves the loss
 and the gradients of the first step and the parameters after the last, for the test to compare.
-    torchrun --nproc-per-node 2 tests/distributed/parity_worker.py OUT.pt
+    torchrun --nproc-per-node 2 tests/distributed/parity_worker.py OUT.pt [DIVISOR|none] [reduce|gather]
 """
 
 import sys
@@ -19,7 +19,7 @@ GLOBAL_BATCH = 16
 STEPS = 3
 
 
-def main(out: str, divisor: int | None) -> None:
+def main(out: str, divisor: int | None, communication: str) -> None:
     worker = distributed.start("cpu")
     torch.manual_seed(0)
     model, trained = place_model(
@@ -36,7 +36,7 @@ def main(out: str, divisor: int | None) -> None:
     for step in range(STEPS):
         y1, y2 = torch.randn(2, GLOBAL_BATCH, 3, 8, 8, generator=generator)
         schedule.apply(optimizer, step + 1)
-        loss = training_step(trained, optimizer, scaler, precision, LossSpec(reference_world_size=divisor),
+        loss = training_step(trained, optimizer, scaler, precision, LossSpec(reference_world_size=divisor, communication=communication),
                              y1[share], y2[share])
         if step == 0:
             record["loss"] = loss
@@ -49,4 +49,5 @@ def main(out: str, divisor: int | None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None)
+    divisor = sys.argv[2] if len(sys.argv) > 2 else "none"
+    main(sys.argv[1], None if divisor == "none" else int(divisor), sys.argv[3] if len(sys.argv) > 3 else "reduce")

@@ -35,9 +35,10 @@ def single(tmp_path_factory):
     return run_workers(1, tmp_path_factory.mktemp("one") / "out.pt")
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    return run_workers(2, tmp_path_factory.mktemp("two") / "out.pt")
+@pytest.fixture(scope="module", params=["reduce", "gather"])
+def pair(request, tmp_path_factory):
+    """2 workers with each communication plan: all-reducing the D x D matrix, or gathering the embeddings."""
+    return run_workers(2, tmp_path_factory.mktemp("two") / "out.pt", "none", request.param)
 
 
 def test_loss_is_the_global_batch_loss(single, pair):
@@ -58,9 +59,10 @@ def test_parameters_and_batchnorm_statistics_after_steps_are_equal(single, pair)
         assert_close(pair["buffers"][name].float(), value.float(), name)
 
 
-def test_uneven_shares_over_three_workers_give_the_same_gradients(single, tmp_path):
+@pytest.mark.parametrize("communication", ["reduce", "gather"])
+def test_uneven_shares_over_three_workers_give_the_same_gradients(single, tmp_path, communication):
     # 16 samples over 3 workers: shares of 5, 5 and 6
-    triple = run_workers(3, tmp_path / "out.pt")
+    triple = run_workers(3, tmp_path / "out.pt", "none", communication)
     torch.testing.assert_close(triple["loss"], single["loss"], rtol=1e-5, atol=1e-5)
     for name, grad in single["grads"].items():
         assert_close(triple["grads"][name], grad, name)
