@@ -64,6 +64,11 @@ class AugmentSpec(_Section):
     solarize: tuple[float, float] = Field(
         (0.0, 0.2), description="Probability of solarization at 128 for view 1 and view 2 (reference: 0.0 and 0.2)."
     )
+    color_on: Literal["auto", "loader", "device"] = Field(
+        "auto", description="Where the colour augmentations run: `loader`: per image in the data-loading processes "
+        "(as the reference); `device`: batched on the training device after the transfer, the loader only "
+        "cropping and flipping (same distributions); `auto`: `device` on CUDA, `loader` otherwise."
+    )
     mean: tuple[float, float, float] = Field(IMAGENET_MEAN, description="Per-channel normalisation mean (ImageNet's).")
     std: tuple[float, float, float] = Field(IMAGENET_STD, description="Per-channel normalisation std (ImageNet's).")
 

@@ -18,7 +18,8 @@ from torch.nn.parallel import DistributedDataParallel
 from service import distributed
 from service.batchnorm import convert_sync_batchnorm
 from service.checkpoint import CheckpointManager
-from service.data import Transformed, labelled_images, two_view_loader
+from service.color import DeviceColor
+from service.data import Transformed, labelled_images, shard, two_view_loader
 from service.export import export_backbone
 from service.loss import barlow_twins_loss
 from service.metrics import TrainingStats
@@ -27,7 +28,7 @@ from service.optim import LearningRateSchedule, build_lars
 from service.preemption import Preemption
 from service.probes import gathered_features, knn_scores, topk_correct
 from service.spec import LossSpec, TrainSpec
-from service.transforms import feature_pipeline, two_view_pipelines
+from service.transforms import feature_pipeline, geometric_pipeline, two_view_pipelines
 
 log = logging.getLogger("barlow")
 
@@ -141,8 +142,19 @@ def train(spec: TrainSpec, command: str) -> TrainResult:
 def _train(spec: TrainSpec, command: str, worker: distributed.Worker) -> TrainResult:
     torch.manual_seed(spec.run.seed)
     images = labelled_images(spec.data, train=True)
+    color_on_device = spec.augment.color_on == "device" or (
+        spec.augment.color_on == "auto" and worker.device.type == "cuda")
+    if color_on_device:
+        geometric = geometric_pipeline(spec.augment, spec.data.image_size)
+        views = (geometric, geometric)
+        device_color = DeviceColor(spec.augment, spec.data.image_size, spec.run.seed, spec.optim.batch_size)
+        rows = (shard(spec.optim.batch_size, worker.rank, worker.world_size).start,
+                shard(spec.optim.batch_size, worker.rank, worker.world_size).stop)
+    else:
+        views = two_view_pipelines(spec.augment, spec.data.image_size)
+        device_color = None
     loader, sampler = two_view_loader(
-        images, two_view_pipelines(spec.augment, spec.data.image_size),
+        images, views,
         global_batch=spec.optim.batch_size, rank=worker.rank, world_size=worker.world_size,
         seed=spec.run.seed, workers=spec.data.workers, pin_memory=worker.device.type == "cuda",
     )
@@ -180,6 +192,8 @@ def _train(spec: TrainSpec, command: str, worker: distributed.Worker) -> TrainRe
             for y1, y2 in loader:
                 y1 = y1.to(worker.device, non_blocking=True)
                 y2 = y2.to(worker.device, non_blocking=True)
+                if device_color is not None:
+                    y1, y2 = device_color((y1, y2), epoch, step % steps_per_epoch, rows)
                 if channels_last:
                     y1 = y1.contiguous(memory_format=torch.channels_last)
                     y2 = y2.contiguous(memory_format=torch.channels_last)

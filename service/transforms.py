@@ -40,6 +40,17 @@ def view_pipeline(spec: AugmentSpec, image_size: int, view: int) -> v2.Compose:
     ])
 
 
+def geometric_pipeline(spec: AugmentSpec, image_size: int) -> v2.Compose:
+    """The per-image half when the colour half runs on the device (service/color.py): crop and flip, uint8 out."""
+    return v2.Compose([
+        v2.RandomResizedCrop(
+            image_size, scale=spec.crop_scale, ratio=(3 / 4, 4 / 3),
+            interpolation=v2.InterpolationMode.BICUBIC, antialias=True,
+        ),
+        v2.RandomHorizontalFlip(p=spec.horizontal_flip),
+    ])
+
+
 def two_view_pipelines(spec: AugmentSpec, image_size: int) -> tuple[v2.Compose, v2.Compose]:
     return view_pipeline(spec, image_size, 0), view_pipeline(spec, image_size, 1)
 
