@@ -32,3 +32,44 @@ def test_communication_benchmark_reports_both_plans():
     # bytes from the collectives' sizes: reduce 2 x 2(W-1)/W x 4 D^2 (+ statistics), gather (W-1)/W x 2 N D x 4
     assert float(rows[1][4]) == pytest.approx(0.5 * 2 * 32 * 256 * 4 / 1e6, abs=0.01)
     assert float(rows[0][4]) > float(rows[1][4])
+
+
+def table(stdout: str, header: str) -> dict[str, list[str]]:
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header)) + 1
+    return {line[:40].strip(): line[40:].split() for line in lines[start:] if line.strip()}
+
+
+@pytest.mark.slow
+def test_augmentation_benchmark_compares_with_lightly():
+    result = subprocess.run([sys.executable, "bench/augmentation.py", "--images", "6", "--rounds", "1"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = table(result.stdout, "pipeline")
+    assert len(rows) == 3 and any(name.startswith("lightly") for name in rows)
+    lightly_row = next(row for name, row in rows.items() if name.startswith("lightly"))
+    assert float(lightly_row[1]) == 1.0 and all(float(row[0]) > 0 for row in rows.values())
+
+
+@pytest.mark.slow
+def test_training_step_benchmark_compares_with_lightly():
+    result = subprocess.run([sys.executable, "bench/training_step.py", "--batch", "8", "--size", "16", "--steps", "2"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()[2:]
+    assert lines[0].startswith("ours") and lines[1].startswith("lightly")
+    assert float(lines[1].split()[-1]) == 1.0 and float(lines[0].split()[-2]) > 0
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_script_runs_every_configuration_on_the_cpu():
+    import os
+
+    result = subprocess.run(["bash", "bench/gpu.sh", "--device", "cpu", "--small", "--steps", "1", "--warmup", "1",
+                             "--workers", "1"], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "BATCH": "4", "TORCHDYNAMO_DISABLE": "1", "PYTHON": sys.executable})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines() if line.startswith(("fp32", "bf16"))}
+    assert list(rows) == ["fp32", "bf16", "bf16+cl", "bf16+cl+compile", "bf16+cl+compile+jpeg"]
+    assert all(float(images) > 0 for images, _ in rows.values()), result.stdout
+    assert rows["fp32"][1] == "1.00"
