@@ -55,12 +55,13 @@ class EvaluationResult:
 
 
 class Classifier(nn.Module):
-    """A torchvision ResNet with its fc, and the best accuracies so far (saved with the checkpoints)."""
+    """A torchvision ResNet with its fc, and the accuracies so far (saved with the checkpoints, so that a resumed
+    evaluation reports them): last top-1, last top-5, best top-1, best top-5."""
 
     def __init__(self, network: nn.Module):
         super().__init__()
         self.network = network
-        self.register_buffer("best", torch.zeros(2, dtype=torch.float64))  # best top-1, top-5
+        self.register_buffer("accuracies", torch.zeros(4, dtype=torch.float64))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(x)
@@ -190,13 +191,12 @@ def _evaluate(spec: EvaluateSpec, command: str, worker: distributed.Worker) -> E
     criterion = nn.CrossEntropyLoss()
     log.info("%s evaluation of %s on %d training images, %d held out, %d worker(s)", spec.eval.mode,
              spec.backbone.weights or "a randomly initialised backbone", train_count, len(val_set), worker.world_size)
-    acc1 = acc5 = 0.0
     try:
         for epoch in range(first_epoch, spec.eval.epochs):
             model.eval() if frozen else model.train()  # the reference keeps the frozen backbone's BN statistics
             sampler.set_epoch(epoch)
             train_set.set_epoch(epoch)
-            for batch, (x, y) in enumerate(loader):
+            for x, y in loader:
                 x, y = x.to(worker.device, non_blocking=True), y.to(worker.device, non_blocking=True)
                 with precision.autocast():
                     loss = criterion(trained(x), y)
@@ -213,9 +213,9 @@ def _evaluate(spec: EvaluateSpec, command: str, worker: distributed.Worker) -> E
             scheduler.step()
             top1, top5, seen = count_correct(model, val_set, worker, per_rank_batch, spec.data.workers, precision)
             acc1, acc5 = 100 * top1 / seen, 100 * top5 / seen
-            model.best.copy_(torch.maximum(model.best, torch.tensor([acc1, acc5], dtype=torch.float64, device=model.best.device)))
-            stats.record(epoch=epoch, acc1=acc1, acc5=acc5, best_acc1=float(model.best[0]),
-                         best_acc5=float(model.best[1]))
+            best1, best5 = max(acc1, float(model.accuracies[2])), max(acc5, float(model.accuracies[3]))
+            model.accuracies.copy_(torch.tensor([acc1, acc5, best1, best5], dtype=torch.float64))
+            stats.record(epoch=epoch, acc1=acc1, acc5=acc5, best_acc1=best1, best_acc5=best5)
             if frozen:
                 _check_unchanged(pretrained, network)
             checkpointer.save(step)
@@ -223,8 +223,8 @@ def _evaluate(spec: EvaluateSpec, command: str, worker: distributed.Worker) -> E
     finally:
         checkpointer.close()
         stats.close()
-    result = EvaluationResult(spec.eval.mode, acc1, acc5, float(model.best[0]), float(model.best[1]),
-                              spec.eval.epochs, train_count, spec.run.output)
+    acc1, acc5, best1, best5 = model.accuracies.tolist()
+    result = EvaluationResult(spec.eval.mode, acc1, acc5, best1, best5, spec.eval.epochs, train_count, spec.run.output)
     if worker.is_main:
         write_backbone(network.state_dict(), f"{spec.run.output.rstrip('/')}/classifier.pth", spec.storage)
     _write_results(spec, result, worker)
