@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from service.spec import AugmentSpec
-from service.transforms import blur_kernel_size, two_view_pipelines, view_pipeline
+from service.transforms import PILGaussianBlur, blur_kernel_size, two_view_pipelines, view_pipeline
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -44,7 +43,7 @@ def test_order_of_transforms(view):
         v2.RandomSolarize, v2.ToDtype, v2.Normalize,
     ]
     assert isinstance(pipeline.transforms[2].transforms[0], v2.ColorJitter)
-    assert isinstance(pipeline.transforms[4].transforms[0], v2.GaussianBlur)
+    assert isinstance(pipeline.transforms[4].transforms[0], PILGaussianBlur)
 
 
 def test_random_resized_crop(view):
@@ -87,15 +86,22 @@ def test_grayscale(view):
 
 def test_gaussian_blur(view):
     index, pipeline = view
-    apply = _random_apply_of(pipeline, v2.GaussianBlur)
+    apply = _random_apply_of(pipeline, PILGaussianBlur)
     assert apply.p == pytest.approx(BLUR_P[index])
     blur = apply.transforms[0]
     assert tuple(blur.sigma) == pytest.approx((0.1, 2.0))
-    kernel = tuple(blur.kernel_size)
-    assert kernel[0] == kernel[1]
-    assert kernel[0] % 2 == 1
-    # Wide enough for 3 sigma either side at the largest sigma (PIL's blur has no truncation at all).
-    assert kernel[0] >= 2 * math.ceil(3 * 2.0) + 1
+
+
+def test_blur_is_pils_gaussian_blur_with_the_drawn_sigma():
+    from PIL import ImageFilter
+
+    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    torch.manual_seed(5)
+    blurred = PILGaussianBlur()(image)
+    torch.manual_seed(5)
+    sigma = float(torch.empty(1).uniform_(0.1, 2.0))
+    expected = v2.functional.pil_to_tensor(v2.functional.to_pil_image(image).filter(ImageFilter.GaussianBlur(sigma)))
+    assert torch.equal(blurred, expected) and not torch.equal(blurred, image)
 
 
 def test_solarize(view):
@@ -159,8 +165,8 @@ def test_deterministic_part_normalises_a_constant_image():
 
 def test_two_view_pipelines_differ_only_in_blur_and_solarize():
     first, second = two_view_pipelines(AugmentSpec(), 224)
-    assert _random_apply_of(first, v2.GaussianBlur).p == pytest.approx(1.0)
-    assert _random_apply_of(second, v2.GaussianBlur).p == pytest.approx(0.1)
+    assert _random_apply_of(first, PILGaussianBlur).p == pytest.approx(1.0)
+    assert _random_apply_of(second, PILGaussianBlur).p == pytest.approx(0.1)
     assert _find(first, v2.RandomSolarize)[0].p == pytest.approx(0.0)
     assert _find(second, v2.RandomSolarize)[0].p == pytest.approx(0.2)
     assert [type(t) for t in first.transforms] == [type(t) for t in second.transforms]
@@ -172,7 +178,7 @@ def test_spec_overrides_reach_the_pipeline():
         grayscale=0.05, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
     )
     for index, pipeline in enumerate(two_view_pipelines(spec, 32)):
-        assert _random_apply_of(pipeline, v2.GaussianBlur).p == 0.0
+        assert _random_apply_of(pipeline, PILGaussianBlur).p == 0.0
         assert _find(pipeline, v2.RandomSolarize)[0].p == pytest.approx((0.3, 0.7)[index])
         (crop,) = _find(pipeline, v2.RandomResizedCrop)
         assert tuple(crop.scale) == pytest.approx((0.4, 1.0))
@@ -192,8 +198,8 @@ def test_loaded_spec_overrides_reach_the_pipeline():
 
     spec = load_spec(None, ["data.dataset=digits", "augment.blur=[0, 0]"])
     first, second = two_view_pipelines(spec.augment, spec.data.image_size)
-    assert _random_apply_of(first, v2.GaussianBlur).p == 0.0
-    assert _random_apply_of(second, v2.GaussianBlur).p == 0.0
+    assert _random_apply_of(first, PILGaussianBlur).p == 0.0
+    assert _random_apply_of(second, PILGaussianBlur).p == 0.0
 
 
 @pytest.mark.parametrize("size", [8, 16, 32, 64, 96, 224, 225, 256, 512])
