@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from service.color import DeviceColor, adjust, apply_color, gaussian_blur, sample_parameters

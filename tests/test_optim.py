@@ -304,7 +304,7 @@ def test_multi_tensor_lars_equals_the_per_parameter_lars_over_several_steps():
             (z1 - z2).pow(2).sum().backward()
             model.projector[-1].weight.grad = None if step == 2 else model.projector[-1].weight.grad  # skipped
             optimizer.step()
-    for (name, a), b in zip(reference.state_dict().items(), fused.state_dict().values()):
+    for (name, a), b in zip(reference.state_dict().items(), fused.state_dict().values(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9, msg=name)
-    for a, b in zip(reference.parameters(), fused.parameters()):
+    for a, b in zip(reference.parameters(), fused.parameters(), strict=True):
         torch.testing.assert_close(optimizers[1].state[b]["mu"], optimizers[0].state[a]["mu"], rtol=1e-6, atol=1e-9)
