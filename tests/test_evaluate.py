@@ -199,3 +199,18 @@ def test_torch_hub_returns_the_trained_classifier_and_the_backbone(random_backbo
     torch.testing.assert_close(backbone.eval()(x), reference(x))
     with pytest.raises(ValueError, match="no weights are published"):
         torch.hub.load(str(ROOT), "resnet50", source="local")
+
+
+def test_torch_hub_resnet50_returns_an_exported_backbone(tmp_path):
+    from service.export import backbone_state_dict
+    from service.model import BarlowTwins
+    from service.spec import ModelSpec
+
+    torch.manual_seed(2)
+    trained = BarlowTwins(ModelSpec(backbone="resnet50", projector="64-64"))  # the reference's backbone
+    torch.save(backbone_state_dict(trained), tmp_path / "resnet50.pth")
+    model = torch.hub.load(str(ROOT), "resnet50", source="local", weights=str(tmp_path / "resnet50.pth")).eval()
+    x = torch.rand(2, 3, 64, 64)
+    features = model(x)
+    assert features.shape == (2, 2048)
+    torch.testing.assert_close(features, trained.backbone.eval()(x))
