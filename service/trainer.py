@@ -80,7 +80,9 @@ def place_model(model: nn.Module, worker: distributed.Worker, channels_last: boo
     if worker.world_size == 1:
         return model, model
     device_ids = [worker.device.index] if worker.device.type == "cuda" else None
-    return model, DistributedDataParallel(model, device_ids=device_ids)
+    # Gradients live in DDP's communication buckets: no copy in and out of them, and one gradient-sized buffer
+    # less (about 0.7 GB for the ImageNet recipe).
+    return model, DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
 
 
 def training_step(model, optimizer, scaler, precision: Precision, loss_spec: LossSpec,
