@@ -157,6 +157,7 @@ class DeviceColor:
                  rows: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         out = []
         for view, images in enumerate(views):
+            # the trailing constant keeps these streams apart from the per-image ones (data.sample_seed)
             seed = int(np.random.SeedSequence([self.seed, epoch, step, view, 7]).generate_state(1)[0])
             params = sample_parameters(self.spec, view, self.global_batch, torch.Generator().manual_seed(seed))
             out.append(apply_color(images, params.rows(*rows, images.device), self.kernel_size, self.spec.mean,

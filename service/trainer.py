@@ -150,8 +150,8 @@ def _train(spec: TrainSpec, command: str, worker: distributed.Worker) -> TrainRe
         geometric = geometric_pipeline(spec.augment, spec.data.image_size)
         views = (geometric, geometric)
         device_color = DeviceColor(spec.augment, spec.data.image_size, spec.run.seed, spec.optim.batch_size)
-        rows = (shard(spec.optim.batch_size, worker.rank, worker.world_size).start,
-                shard(spec.optim.batch_size, worker.rank, worker.world_size).stop)
+        share = shard(spec.optim.batch_size, worker.rank, worker.world_size)  # as GlobalBatchSampler's slice
+        rows = (share.start, share.stop)
     else:
         views = two_view_pipelines(spec.augment, spec.data.image_size)
         device_color = None

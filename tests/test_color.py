@@ -88,3 +88,28 @@ def test_views_are_the_same_at_any_world_size():
         torch.testing.assert_close(torch.cat([share[view] for share in shares]), whole[view], rtol=0, atol=0)
     other_step = color(views, epoch=2, step=6, rows=(0, 10))
     assert not torch.equal(other_step[0], whole[0])
+
+
+@pytest.mark.slow
+def test_training_with_colour_on_the_device_is_the_same_on_one_and_two_workers(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def losses(nproc: int) -> dict[int, float]:
+        output = tmp_path / f"run-{nproc}"
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                        "-m", "service", "train", "specs/digits.yaml", "--set", "optim.epochs=1", "--set",
+                        "augment.color_on=device", "--set", "run.log_every=1", "--set", f"run.output={output}"],
+                       cwd=root, check=True, capture_output=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        lines = [json.loads(line) for line in (output / "stats.txt").read_text().splitlines() if '"loss"' in line]
+        return {line["step"]: line["loss"] for line in lines}
+
+    one, two = losses(1), losses(2)
+    assert one.keys() == two.keys() == set(range(8))
+    for step, loss in one.items():  # the same views and the same global batch: equal up to summation order
+        assert two[step] == pytest.approx(loss, rel=1e-4), step
