@@ -365,7 +365,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_spec(path: str | Path | None, overrides: list[str] = (), world_size: int | None = None,
-              kind: type[_Section] | None = None) -> TrainSpec:
+              kind: type[_Section] | None = None) -> TrainSpec | EvaluateSpec:
     """Read a YAML spec (or the defaults when `path` is None), apply overrides, validate as `kind` (TrainSpec)."""
     kind = kind or TrainSpec
     data: dict[str, Any] = {}
