@@ -49,7 +49,7 @@ def make_jpegs(folder: Path, count: int, seed: int = 0) -> list[Path]:
     return paths
 
 
-def throughput(name: str, run_one, paths: list[Path], rounds: int) -> float:
+def throughput(run_one, paths: list[Path], rounds: int) -> float:
     run_one(paths[0])  # warm-up
     rates = []
     for _ in range(rounds):
@@ -88,9 +88,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as folder:
         paths = make_jpegs(Path(folder), args.images)
-        rows = [("ours, per image (color_on: loader)", throughput("ours", ours, paths, args.rounds)),
-                ("ours, loader half (color_on: device)", throughput("half", ours_loader_half, paths, args.rounds)),
-                (f"lightly {lightly.__version__} BYOLTransform", throughput("lightly", theirs, paths, args.rounds))]
+        rows = [("ours, per image (color_on: loader)", throughput(ours, paths, args.rounds)),
+                ("ours, loader half (color_on: device)", throughput(ours_loader_half, paths, args.rounds)),
+                (f"lightly {lightly.__version__} BYOLTransform", throughput(theirs, paths, args.rounds))]
     baseline = rows[-1][1]
     print(f"two views of 224 px per source JPEG (500x375), 1 core, {args.images} images x {args.rounds} rounds")
     print(f"{'pipeline':<40} {'images/s':>9} {'ratio':>7}")

@@ -49,7 +49,7 @@ def sample_parameters(spec: AugmentSpec, view: int, batch: int, generator: torch
     bright, contrast, saturation, hue = JITTER["brightness"], JITTER["contrast"], JITTER["saturation"], JITTER["hue"]
     return ColorParameters(
         jitter=torch.rand(batch, generator=generator) < spec.color_jitter,
-        order=torch.stack([torch.randperm(4, generator=generator) for _ in range(batch)]),
+        order=torch.rand(batch, 4, generator=generator).argsort(dim=1),  # a uniform permutation per image, no loop
         factors=torch.stack([uniform(1 - bright, 1 + bright), uniform(1 - contrast, 1 + contrast),
                              uniform(1 - saturation, 1 + saturation), uniform(-hue, hue)], dim=1),
         grayscale=torch.rand(batch, generator=generator) < spec.grayscale,

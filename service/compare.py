@@ -10,7 +10,7 @@ import torch
 from service.data import Transformed, labelled_images
 from service.export import load_pretrained
 from service.model import build_backbone
-from service.probes import extract_features, few_shot_accuracy, knn_accuracy, linear_accuracy
+from service.probes import few_shot_accuracy, gathered_features, knn_accuracy, linear_accuracy
 from service.spec import TrainSpec
 from service.transforms import feature_pipeline
 
@@ -43,7 +43,7 @@ def compare(spec: TrainSpec, weights: str) -> dict[str, dict[str, float]]:
     results = {}
     for name, network in (("pretrained", backbone(load_pretrained(weights, spec.storage))),
                           ("random init", backbone(None))):
-        results[name] = probe_all(extract_features(network, train), extract_features(network, test), spec.run.seed)
+        results[name] = probe_all(gathered_features(network, train), gathered_features(network, test), spec.run.seed)
     results["raw pixels"] = probe_all(pixels(train), pixels(test), spec.run.seed)
     return results
 

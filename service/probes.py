@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from service.data import shard
+from service.distributed import Worker
 
 
 def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
@@ -37,29 +38,19 @@ def knn_scores(train_features: torch.Tensor, train_labels: torch.Tensor, feature
 
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module, images: Dataset, device: torch.device | str = "cpu",
-                     batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """The backbone's outputs (eval mode) and the labels of every image, in the data set's order."""
-    was_training = backbone.training
-    backbone.eval()
-    features, labels = [], []
-    for x, y in DataLoader(images, batch_size=batch_size, shuffle=False):
-        features.append(backbone(x.to(device)).float().cpu())
-        labels.append(torch.as_tensor(y))
-    backbone.train(was_training)
-    return torch.cat(features), torch.cat(labels)
-
-
-@torch.no_grad()
-def gathered_features(network: nn.Module, images: Dataset, worker, batch_size: int,
-                      workers: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features (fc removed) and labels of every image, computed in shares and gathered on every rank, in order."""
+def gathered_features(network: nn.Module, images: Dataset, worker=None, batch_size: int = 256,
+                      workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The network's outputs (in eval mode) and the labels of every image, in the data set's order: computed in
+    shares by the workers and gathered on each of them (worker=None: one process, on the CPU)."""
+    worker = worker or Worker(0, 1, 0, torch.device("cpu"))
+    was_training = network.training
     network.eval()
     mine = torch.utils.data.Subset(images, shard(len(images), worker.rank, worker.world_size))
     features, labels = [], []
     for x, y in DataLoader(mine, batch_size=batch_size, num_workers=workers):
         features.append(network(x.to(worker.device)).float().cpu())
         labels.append(torch.as_tensor(y))
+    network.train(was_training)
     features = torch.cat(features) if features else torch.zeros(0, 0)
     labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
     if worker.world_size == 1:

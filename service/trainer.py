@@ -122,10 +122,8 @@ class KnnMonitor:
         return bool(every) and ((epoch + 1) % every == 0 or epoch + 1 == self.epochs)
 
     def run(self, backbone: nn.Module, epoch: int, step: int, stats: TrainingStats) -> float:
-        was_training = backbone.training
         bank = gathered_features(backbone, self.bank, self.worker, self.batch_size, self.workers)
         queries = gathered_features(backbone, self.queries, self.worker, self.batch_size, self.workers)
-        backbone.train(was_training)
         scores = knn_scores(bank[0], bank[1], queries[0], int(bank[1].max()) + 1, k=self.spec.knn_k,
                             temperature=self.spec.knn_temperature)
         accuracy = 100 * topk_correct(scores, queries[1], ks=(1,))[0] / len(queries[1])

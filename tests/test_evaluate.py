@@ -171,7 +171,7 @@ def test_rerun_resumes_the_finished_evaluation_instead_of_training_again(random_
 
 def test_knn_mode_matches_the_probe_computed_directly(random_backbone, tmp_path):
     from service.data import Transformed, labelled_images
-    from service.probes import extract_features
+    from service.probes import gathered_features
     from service.transforms import classification_pipelines
 
     spec = digits_eval(random_backbone, tmp_path, "eval.mode=knn")
@@ -179,8 +179,8 @@ def test_knn_mode_matches_the_probe_computed_directly(random_backbone, tmp_path)
     _, val = classification_pipelines(spec.data)
     network = build_backbone("resnet18", "cifar")
     network.load_state_dict(torch.load(random_backbone, weights_only=True))
-    bank = extract_features(network, Transformed(labelled_images(spec.data, True), val))
-    queries = extract_features(network, Transformed(labelled_images(spec.data, False), val))
+    bank = gathered_features(network, Transformed(labelled_images(spec.data, True), val))
+    queries = gathered_features(network, Transformed(labelled_images(spec.data, False), val))
     top1, top5 = topk_correct(knn_scores(*bank, queries[0], 10, k=200, temperature=0.1), queries[1])
     assert result.acc1 == pytest.approx(100 * top1 / len(queries[1]))
     assert result.acc5 == pytest.approx(100 * top5 / len(queries[1]))
