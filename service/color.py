@@ -39,9 +39,8 @@ class ColorParameters:
     sigma: torch.Tensor       # blur sigma
     solarize: torch.Tensor    # bool
 
-    def rows(self, start: int, stop: int, device: torch.device) -> ColorParameters:
-        return ColorParameters(**{name: value[start:stop].to(device, non_blocking=True)
-                                  for name, value in vars(self).items()})
+    def rows(self, start: int, stop: int) -> ColorParameters:
+        return ColorParameters(**{name: value[start:stop] for name, value in vars(self).items()})
 
 
 def sample_parameters(spec: AugmentSpec, view: int, batch: int, generator: torch.Generator) -> ColorParameters:
@@ -95,21 +94,40 @@ def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     q = (v * (1.0 - s * f)).clamp(0, 1)
     t = (v * (1.0 - s * (1.0 - f))).clamp(0, 1)
     vpqt = torch.stack((v, p, q, t), dim=1)
-    select = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], device=x.device)
+    select = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]]).to(x.device, non_blocking=True)
     return vpqt.gather(1, select[:, i].permute(1, 0, 2, 3))
+
+
+def _blend_operations(x: torch.Tensor, operation: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Brightness (0), contrast (1) or saturation (2), one per image, as one blend: torchvision's three kernels are
+    `(f x + (1 - f) other).clamp(0, 1)` with other = 0, the mean gray level or the gray image. A factor of 1 leaves
+    an image as it is."""
+    gray = _gray(x)
+    saturation, contrast = _per_image((operation == 2).to(x.dtype)), _per_image((operation == 1).to(x.dtype))
+    other = gray * saturation + gray.mean(dim=(1, 2, 3), keepdim=True) * contrast
+    return _blend(x, other, factor)
+
+
+def _adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    hsv = _rgb_to_hsv(x)
+    hue = (hsv[:, 0] + factor.view(-1, 1, 1)) % 1.0
+    return _hsv_to_rgb(torch.stack((hue, hsv[:, 1], hsv[:, 2]), dim=1))
 
 
 def adjust(x: torch.Tensor, operation: int, factor: torch.Tensor) -> torch.Tensor:
     """torchvision's adjust_brightness / contrast / saturation / hue on float images, one factor per image."""
-    if operation == 0:
-        return (x * _per_image(factor)).clamp(0, 1)
-    if operation == 1:
-        return _blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), factor)
-    if operation == 2:
-        return _blend(x, _gray(x), factor)
-    hsv = _rgb_to_hsv(x)
-    hue = (hsv[:, 0] + factor.view(-1, 1, 1)) % 1.0
-    return _hsv_to_rgb(torch.stack((hue, hsv[:, 1], hsv[:, 2]), dim=1))
+    if operation == 3:
+        return _adjust_hue(x, factor)
+    return _blend_operations(x, torch.full_like(factor, operation, dtype=torch.long), factor)
+
+
+def _on_rows(x: torch.Tensor, rows: torch.Tensor, operation, *per_image: torch.Tensor) -> torch.Tensor:
+    """`operation` applied to the images `rows` (indices read on the host, so the device never waits for it)."""
+    if len(rows) == 0:
+        return x
+    index = rows.to(x.device, non_blocking=True)
+    values = [value[rows].to(x.device, non_blocking=True) for value in per_image]
+    return x.index_copy(0, index, operation(x.index_select(0, index), *values))
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -129,18 +147,27 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> tor
 
 
 def apply_color(images: torch.Tensor, params: ColorParameters, kernel_size: int, mean, std) -> torch.Tensor:
-    """uint8 views (B, 3, H, W) -> coloured, normalised float views, on the images' device, without host syncs."""
+    """uint8 views (B, 3, H, W) -> coloured, normalised float views, on the images' device, without host syncs.
+
+    `params` (the images' rows, on the host) say which image each operation touches, so each image pays only for
+    its own operations: per jitter position one blend over the batch, and hue and blur over their images alone.
+    """
+    device = images.device
     x = images.float() / 255.0
-    jitter = params.jitter
     for position in range(4):
-        for operation in range(4):
-            chosen = _per_image(jitter & (params.order[:, position] == operation))
-            x = torch.where(chosen, adjust(x, operation, params.factors[:, operation]), x)
-    x = torch.where(_per_image(params.grayscale), _gray(x).expand_as(x), x)
-    x = torch.where(_per_image(params.blur), gaussian_blur(x, params.sigma, kernel_size), x)
-    x = torch.where(_per_image(params.solarize) & (x >= SOLARIZE_THRESHOLD / 255), 1.0 - x, x)
-    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+        operation = torch.where(params.jitter, params.order[:, position], -1)
+        blended = (operation >= 0) & (operation <= 2)
+        if blended.any():
+            factor = torch.where(blended, params.factors.gather(1, operation.clamp(0, 2).view(-1, 1)).view(-1), 1.0)
+            x = _blend_operations(x, operation.to(device, non_blocking=True), factor.to(device, non_blocking=True))
+        x = _on_rows(x, (operation == 3).nonzero().flatten(), _adjust_hue, params.factors[:, 3])
+    x = torch.where(_per_image(params.grayscale.to(device, non_blocking=True)), _gray(x).expand_as(x), x)
+    x = _on_rows(x, params.blur.nonzero().flatten(), lambda images, sigma: gaussian_blur(images, sigma, kernel_size),
+                 params.sigma)
+    solarize = _per_image(params.solarize.to(device, non_blocking=True))
+    x = torch.where(solarize & (x >= SOLARIZE_THRESHOLD / 255), 1.0 - x, x)
+    mean = torch.tensor(mean).to(device, non_blocking=True).view(1, 3, 1, 1)
+    std = torch.tensor(std).to(device, non_blocking=True).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
@@ -160,6 +187,6 @@ class DeviceColor:
             # the trailing constant keeps these streams apart from the per-image ones (data.sample_seed)
             seed = int(np.random.SeedSequence([self.seed, epoch, step, view, 7]).generate_state(1)[0])
             params = sample_parameters(self.spec, view, self.global_batch, torch.Generator().manual_seed(seed))
-            out.append(apply_color(images, params.rows(*rows, images.device), self.kernel_size, self.spec.mean,
+            out.append(apply_color(images, params.rows(*rows), self.kernel_size, self.spec.mean,
                                    self.spec.std))
         return out[0], out[1]

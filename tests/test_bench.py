@@ -37,7 +37,7 @@ def test_communication_benchmark_reports_both_plans():
 def table(stdout: str, header: str) -> dict[str, list[str]]:
     lines = stdout.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(header)) + 1
-    return {line[:40].strip(): line[40:].split() for line in lines[start:] if line.strip()}
+    return {line[:46].strip(): line[46:].split() for line in lines[start:] if line.strip()}
 
 
 @pytest.mark.slow
@@ -46,7 +46,7 @@ def test_augmentation_benchmark_compares_with_lightly():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = table(result.stdout, "pipeline")
-    assert len(rows) == 3 and any(name.startswith("lightly") for name in rows)
+    assert len(rows) == 4 and any(name.startswith("lightly") for name in rows)
     lightly_row = next(row for name, row in rows.items() if name.startswith("lightly"))
     assert float(lightly_row[1]) == 1.0 and all(float(row[0]) > 0 for row in rows.values())
 

@@ -29,6 +29,33 @@ def test_each_operation_equals_torchvisions_kernel_per_image():
     torch.testing.assert_close(gaussian_blur(x, sigmas, 7), expected, rtol=0, atol=1e-6)
 
 
+def per_image_reference(image: torch.Tensor, params, i: int, kernel_size: int, spec: AugmentSpec) -> torch.Tensor:
+    """One image through torchvision's functional kernels with the batch's parameters for row i, in its order."""
+    x = image.float() / 255
+    kernels = [F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue]
+    if params.jitter[i]:
+        for operation in params.order[i].tolist():
+            x = kernels[operation](x, float(params.factors[i, operation]))
+    if params.grayscale[i]:
+        x = F.rgb_to_grayscale(x, num_output_channels=3)
+    if params.blur[i]:
+        x = F.gaussian_blur(x, [kernel_size] * 2, [float(params.sigma[i])] * 2)
+    if params.solarize[i]:
+        x = F.solarize(x, SOLARIZE_THRESHOLD / 255)
+    return F.normalize(x, list(spec.mean), list(spec.std))
+
+
+@pytest.mark.parametrize("view", [0, 1])
+def test_batch_equals_each_image_through_torchvisions_kernels_with_its_parameters(view):
+    n, kernel_size = 64, 5
+    spec = AugmentSpec(solarize=(0.5, 0.5), blur=(1.0, 0.3))  # more solarized images than the reference's
+    images = torch.randint(0, 256, (n, 3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(view))
+    params = sample_parameters(spec, view, n, torch.Generator().manual_seed(10 + view))
+    batched = apply_color(images, params, kernel_size, spec.mean, spec.std)
+    expected = torch.stack([per_image_reference(images[i], params, i, kernel_size, spec) for i in range(n)])
+    torch.testing.assert_close(batched, expected, rtol=0, atol=5e-5)
+
+
 def within_binomial(count: int, n: int, p: float, sigmas: float = 5.0) -> bool:
     return abs(count - n * p) <= sigmas * math.sqrt(n * p * (1 - p)) + 1e-9
 
