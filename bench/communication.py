@@ -41,10 +41,8 @@ def worker(args: argparse.Namespace) -> None:
     from service import distributed
     from service.loss import barlow_twins_loss
 
-    from service.data import shard
-
     handle = distributed.start("cpu")
-    rows = shard(args.batch, handle.rank, handle.world_size)
+    rows = distributed.shard(args.batch, handle.rank, handle.world_size)
     generator = torch.Generator().manual_seed(handle.rank)
     results = {}
     for plan in PLANS:
@@ -54,7 +52,7 @@ def worker(args: argparse.Namespace) -> None:
             z2 = torch.randn(len(rows), args.dim, generator=generator, requires_grad=True)
             torch.distributed.barrier()
             start = time.perf_counter()
-            barlow_twins_loss(z1, z2, communication=plan).backward()
+            barlow_twins_loss(z1, z2, communication=plan, global_batch=args.batch).backward()
             torch.distributed.barrier()
             if step:  # the first is a warm-up
                 times.append(time.perf_counter() - start)

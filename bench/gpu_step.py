@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.augmentation import make_jpegs  # noqa: E402
 from service.color import DeviceColor  # noqa: E402
-from service.data import ImageFolder, two_view_loader  # noqa: E402
+from service.data import ImageFolder, LoaderSettings, two_view_loader  # noqa: E402
 from service.distributed import Worker  # noqa: E402
 from service.model import BarlowTwins  # noqa: E402
 from service.optim import build_lars  # noqa: E402
@@ -83,8 +83,8 @@ def main() -> None:
             augment = AugmentSpec()
             geometric = geometric_pipeline(augment, size)
             loader, sampler = two_view_loader(ImageFolder(folder), (geometric, geometric), global_batch=args.batch,
-                                              rank=0, world_size=1, seed=0, workers=args.workers,
-                                              pin_memory=device.type == "cuda")
+                                              rank=0, world_size=1, seed=0,
+                                              settings=LoaderSettings(args.workers, 4, device.type == "cuda"))
             color = DeviceColor(augment, size, seed=0, global_batch=args.batch)
 
             def batches():

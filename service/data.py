@@ -8,7 +8,9 @@ is the same computation at any world size.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from service.spec import DataSpec
+from service.distributed import shard as shard  # the rows' partition over ranks lives there; re-exported
+from service.machine import Machine
+from service.spec import DataSpec, EvalDataSpec, SpecError
+
+log = logging.getLogger("barlow")
+MAX_AUTO_WORKERS = 16
 
 
 class DataError(RuntimeError):
@@ -163,6 +170,51 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
             yield [(self.epoch, index) for index in order[start + self.share.start:start + self.share.stop]]
 
 
+@dataclass(frozen=True)
+class LoaderSettings:
+    """How one training worker's DataLoader runs: loading processes, batches each prepares ahead, pinned memory."""
+
+    workers: int
+    prefetch: int | None  # None without loading processes
+    pin_memory: bool
+
+    @classmethod
+    def choose(cls, spec: DataSpec | EvalDataSpec, batch_bytes: int, local_workers: int, cuda: bool,
+               machine: Machine | None = None) -> LoaderSettings:
+        """`auto` fields sized from the machine shared by the node's `local_workers` training workers.
+
+        Loading processes hand their batches over through /dev/shm (64 MB by default in a container): every batch
+        in flight sits there, so more processes or prefetched batches than it holds crash the run with a bus error.
+        """
+        machine = machine or Machine.current()
+        shared = machine.shared_memory // local_workers  # 0: not measurable (no /dev/shm), not limiting
+        workers = spec.workers
+        if workers == "auto":
+            workers = max(0, min(MAX_AUTO_WORKERS, int(machine.cpus / local_workers) - 1))
+            if shared and workers * batch_bytes > shared // 4:
+                fitting = int(shared // 4 // batch_bytes)
+                log.warning("data.workers=auto: /dev/shm has room for %d loading process(es), not %d; give the "
+                            "pod more shared memory (TorchX shmMB, docker --shm-size)", fitting, workers)
+                workers = fitting
+        elif shared and workers * batch_bytes > shared:
+            raise SpecError(
+                f"data.workers={workers}: each loading process keeps a batch of {batch_bytes / 2**20:.0f} MB in "
+                f"/dev/shm, and {shared / 2**20:.0f} MB is free per training worker. Give the pod more shared memory "
+                "(TorchX shmMB, docker --shm-size), or lower data.workers or the batch"
+            )
+        prefetch = spec.prefetch if workers else None
+        if workers and prefetch == "auto":
+            room = min(shared // 4 if shared else machine.memory, machine.memory // 8 // local_workers)
+            prefetch = max(1, min(4, int(room // (workers * batch_bytes))))
+        return cls(workers=workers, prefetch=prefetch, pin_memory=cuda)
+
+    def loader_options(self, persistent: bool = True) -> dict:
+        """DataLoader's arguments. Persistent processes keep their copy of the data set: only for data sets whose
+        state does not change between epochs."""
+        return dict(num_workers=self.workers, prefetch_factor=self.prefetch, pin_memory=self.pin_memory,
+                    persistent_workers=persistent and self.workers > 0)
+
+
 def two_view_loader(
     images: Dataset,
     views: tuple[v2.Transform, v2.Transform],
@@ -171,17 +223,10 @@ def two_view_loader(
     rank: int,
     world_size: int,
     seed: int,
-    workers: int,
-    pin_memory: bool,
+    settings: LoaderSettings,
 ) -> tuple[DataLoader, GlobalBatchSampler]:
     sampler = GlobalBatchSampler(len(images), global_batch, rank, world_size, seed)
-    loader = DataLoader(
-        TwoViews(images, views, seed),
-        batch_sampler=sampler,
-        num_workers=workers,
-        pin_memory=pin_memory,
-        persistent_workers=workers > 0,
-    )
+    loader = DataLoader(TwoViews(images, views, seed), batch_sampler=sampler, **settings.loader_options())
     return loader, sampler
 
 
@@ -218,8 +263,3 @@ class Transformed(Dataset):
 def targets_of(images: Dataset) -> list[int]:
     """Every label of a labelled data set, without decoding an image."""
     return list(images.targets)
-
-
-def shard(count: int, rank: int, world_size: int) -> range:
-    """This rank's contiguous share of `count` items: every item in exactly one share, sizes differing by one."""
-    return range(rank * count // world_size, (rank + 1) * count // world_size)

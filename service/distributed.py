@@ -92,35 +92,85 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return _AllReduceSum.apply(tensor)
 
 
-class _GatherRows(torch.autograd.Function):
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def shard(count: int, rank: int, world_size: int) -> range:
+    """This rank's contiguous share of `count` items: every item in exactly one share, sizes differing by one."""
+    return range(rank * count // world_size, (rank + 1) * count // world_size)
+
+
+def row_counts(rows: int, global_batch: int | None = None, device: torch.device | None = None) -> list[int]:
+    """Every worker's row count, in rank order; `rows` is this worker's.
+
+    With the global batch known, the counts are its shards (GlobalBatchSampler's slices): no communication and no
+    wait for the device. Without it they are exchanged, and reading them back waits for the device.
+    """
+    world, me = world_size(), rank()
+    if global_batch is not None:
+        counts = [len(shard(global_batch, r, world)) for r in range(world)]
+        if rows != counts[me]:
+            raise ValueError(
+                f"worker {me} of {world} holds {rows} rows, but its share of the global batch {global_batch} is "
+                f"{counts[me]} rows (shard(global_batch, rank, world_size)): pass the global batch the workers split"
+            )
+        return counts
+    if world == 1:
+        return [rows]
+    counts = torch.zeros(world, dtype=torch.long, device=device)
+    counts[me] = rows
+    dist.all_reduce(counts)
+    return counts.tolist()
+
+
+def gather_rows(tensor: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+    """Every worker's rows, detached, one tensor per rank (this worker's included); `counts` as row_counts gives."""
+    tensor = tensor.detach()
+    if world_size() == 1:
+        return [tensor]
+    # all_gather needs equal sizes, and the shares may differ by one row.
+    padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return [part[:count] for part, count in zip(parts, counts)]
+
+
+class _ScaleGradByWorld(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        world, rank = dist.get_world_size(), dist.get_rank()
-        counts = torch.zeros(world, dtype=torch.long, device=tensor.device)
-        counts[rank] = tensor.shape[0]
-        dist.all_reduce(counts)  # the shares may differ by one row (GlobalBatchSampler)
-        counts = counts.tolist()
-        padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
-        padded[: tensor.shape[0]] = tensor
-        gathered = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(gathered, padded.contiguous())
-        ctx.rows = (sum(counts[:rank]), tensor.shape[0])
-        ctx.world = world
-        return torch.cat([part[:count] for part, count in zip(gathered, counts)])
+        ctx.world = world_size()
+        return tensor.view_as(tensor)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        # Every worker computes the same loss from the gathered rows, so its own rows' gradient is already the
-        # full one: no communication. Times W, as all_reduce_sum's, for DDP's average to give the true gradient.
-        start, count = ctx.rows
-        return grad[start:start + count] * ctx.world
+        return grad * ctx.world
 
 
-def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """Every worker's rows, concatenated in rank order; the backward pass needs no communication (see above)."""
+def scale_grad_by_world(tensor: torch.Tensor) -> torch.Tensor:
+    """Identity forward, gradient times W backward.
+
+    For a global loss every worker computes from gathered rows: a worker's own rows' gradient is then already the
+    full one, with no communication, and times W (as all_reduce_sum's) DDP's average gives the true gradient.
+    """
     if world_size() == 1:
         return tensor
-    return _GatherRows.apply(tensor)
+    return _ScaleGradByWorld.apply(tensor)
+
+
+def compress_gradients(model: torch.nn.parallel.DistributedDataParallel, dtype: str) -> None:
+    """All-reduce `model`'s gradients in bf16 or fp16 (PyTorch's DDP compression hooks); "none" keeps fp32."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    hooks = {"bf16": default_hooks.bf16_compress_hook, "fp16": default_hooks.fp16_compress_hook}
+    if dtype in hooks:
+        model.register_comm_hook(state=None, hook=hooks[dtype])
+
+
+def local_world_size() -> int:
+    """Training workers on this node (torchrun's LOCAL_WORLD_SIZE; 1 for a plain process)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def spans_nodes() -> bool:

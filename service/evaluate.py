@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from service import distributed
 from service.checkpoint import CheckpointManager
-from service.data import DataError, Transformed, labelled_images, shard, targets_of
+from service.data import DataError, LoaderSettings, Transformed, labelled_images, shard, targets_of
 from service.export import load_pretrained, write_backbone
 from service.metrics import TrainingStats
 from service.model import build_backbone
@@ -138,13 +138,15 @@ def _evaluate(spec: EvaluateSpec, command: str, worker: distributed.Worker) -> E
     precision = Precision.choose(spec.run.precision, worker.device)
     per_rank_batch = max(1, spec.eval.batch_size // worker.world_size)
     train_count = len(indices) if indices is not None else len(train_images)
+    loading = LoaderSettings.choose(spec.data, batch_bytes=per_rank_batch * 3 * spec.data.image_size ** 2 * 4,
+                                    local_workers=distributed.local_world_size(), cuda=worker.device.type == "cuda")
 
     if spec.eval.mode == "knn":
         network.fc = nn.Identity()
         bank = gathered_features(network, Transformed(train_images, val_transform, indices), worker,
-                                 per_rank_batch, spec.data.workers)
+                                 per_rank_batch, loading.workers)
         queries = gathered_features(network, Transformed(val_images, val_transform), worker, per_rank_batch,
-                                    spec.data.workers)
+                                    loading.workers)
         scores = knn_scores(bank[0], bank[1], queries[0], num_classes, k=spec.eval.knn_k,
                             temperature=spec.eval.knn_temperature)
         top1, top5 = topk_correct(scores, queries[1])
@@ -171,8 +173,8 @@ def _evaluate(spec: EvaluateSpec, command: str, worker: distributed.Worker) -> E
 
     train_set = Transformed(train_images, train_transform, indices, seed=spec.run.seed)
     sampler = DistributedSampler(train_set, num_replicas=worker.world_size, rank=worker.rank, seed=spec.run.seed)
-    loader = DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler, num_workers=spec.data.workers,
-                        pin_memory=worker.device.type == "cuda", drop_last=False)
+    loader = DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler, drop_last=False,
+                        **loading.loader_options(persistent=False))  # Transformed's epoch changes
     val_set = Transformed(val_images, val_transform)
     steps_per_epoch = len(loader)
     scaler = precision.grad_scaler()
@@ -211,7 +213,7 @@ def _evaluate(spec: EvaluateSpec, command: str, worker: distributed.Worker) -> E
                 stats.advance()
                 step += 1
             scheduler.step()
-            top1, top5, seen = count_correct(model, val_set, worker, per_rank_batch, spec.data.workers, precision)
+            top1, top5, seen = count_correct(model, val_set, worker, per_rank_batch, loading.workers, precision)
             acc1, acc5 = 100 * top1 / seen, 100 * top5 / seen
             best1, best5 = max(acc1, float(model.accuracies[2])), max(acc5, float(model.accuracies[3]))
             model.accuracies.copy_(torch.tensor([acc1, acc5, best1, best5], dtype=torch.float64))

@@ -11,10 +11,10 @@ import difflib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -22,6 +22,17 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class SpecError(ValueError):
     """A spec that cannot be used, with a message that says how to fix it."""
+
+
+class AutoCount:
+    """`AutoCount[n]`: a whole number of at least n, or "auto" (resolved from the machine when the run starts)."""
+
+    def __class_getitem__(cls, least: int):
+        def check(value: Any) -> Any:
+            if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= least):
+                return value
+            raise ValueError(f"must be `auto` or a whole number of at least {least} (got {value!r})")
+        return Annotated[Annotated[int, Field(ge=least)] | Literal["auto"], BeforeValidator(check)]
 
 
 class _Section(BaseModel):
@@ -40,8 +51,16 @@ class DataSpec(_Section):
         "`cifar-10-batches-py/` (cifar10). Not used by `digits`."
     )
     image_size: int = Field(224, ge=8, description="Side of the square crops fed to the network (reference: 224).")
-    workers: int = Field(
-        8, ge=0, description="Data-loading processes per training worker (reference: 8). 0 loads in the worker itself."
+    workers: AutoCount[0] = Field(
+        "auto", description="Data-loading processes per training worker (the reference used 8 per GPU). `auto`: the "
+        "cores this container may use (affinity and cgroup quota) shared among the node's training workers, less one "
+        "for each training worker itself, at most 16, and no more than a quarter of the free /dev/shm holds a batch "
+        "for. 0 loads in the worker itself.",
+    )
+    prefetch: AutoCount[1] = Field(
+        "auto", description="Batches each loading process prepares ahead (PyTorch's default: 2). `auto`: as many as "
+        "fit, from 1 to 4, in a quarter of the free /dev/shm and an eighth of the container's memory, shared among "
+        "the node's training workers.",
     )
 
 
@@ -136,6 +155,20 @@ class LossSpec(_Section):
     )
 
 
+class DdpSpec(_Section):
+    """DistributedDataParallel's settings; they matter only with more than one worker."""
+
+    static_graph: bool = Field(
+        True, description="Declare that every step uses the same parameters in the same order (true of this model): "
+        "DDP then skips its per-step search for unused parameters and reorders its buckets to the gradients' real "
+        "order after the first step.",
+    )
+    gradient_compression: Literal["none", "bf16", "fp16"] = Field(
+        "none", description="Cast gradients to bf16 or fp16 for their all-reduce (PyTorch's DDP compression hooks): "
+        "half the bytes on the network, at the price of rounding the averaged gradient. `none` (the reference): fp32.",
+    )
+
+
 class OptimSpec(_Section):
     optimizer: Literal["lars"] = Field("lars", description="LARS, as in the reference (no other optimizer).")
     epochs: int = Field(1000, ge=1, description="Training epochs (reference: 1000).")
@@ -226,6 +259,7 @@ class TrainSpec(_Section):
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
     model: ModelSpec = Field(default_factory=ModelSpec)
     loss: LossSpec = Field(default_factory=LossSpec)
+    ddp: DdpSpec = Field(default_factory=DdpSpec)
     optim: OptimSpec = Field(default_factory=OptimSpec)
     run: RunSpec = Field(default_factory=RunSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
@@ -271,7 +305,7 @@ class EvalDataSpec(_Section):
     )
     path: str | None = Field(None, description="As `data.path`.")
     image_size: int = Field(224, ge=8, description="Crop side; validation resizes to size*256/224, then centre-crops.")
-    workers: int = Field(8, ge=0, description="Data-loading processes per worker (reference: 8).")
+    workers: AutoCount[0] = Field("auto", description="As `data.workers` (the reference used 8).")
     train_percent: Literal[1, 10, 100] = Field(
         100, description="Labelled share of the training split (reference: 100 for the linear probe, 1 or 10 for "
         "semi-supervised finetuning)."

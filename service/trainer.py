@@ -19,7 +19,7 @@ from service import distributed
 from service.batchnorm import convert_sync_batchnorm
 from service.checkpoint import CheckpointManager
 from service.color import DeviceColor
-from service.data import Transformed, labelled_images, shard, two_view_loader
+from service.data import LoaderSettings, Transformed, labelled_images, shard, two_view_loader
 from service.export import export_backbone
 from service.loss import barlow_twins_loss
 from service.metrics import TrainingStats
@@ -27,7 +27,7 @@ from service.model import BarlowTwins
 from service.optim import LearningRateSchedule, build_lars
 from service.preemption import Preemption
 from service.probes import gathered_features, knn_scores, topk_correct
-from service.spec import LossSpec, TrainSpec
+from service.spec import DdpSpec, LossSpec, TrainSpec
 from service.transforms import feature_pipeline, geometric_pipeline, two_view_pipelines
 
 log = logging.getLogger("barlow")
@@ -70,7 +70,8 @@ class Precision:
         return torch.amp.GradScaler(self.device_type, enabled=self.dtype == torch.float16)
 
 
-def place_model(model: nn.Module, worker: distributed.Worker, channels_last: bool) -> tuple[nn.Module, nn.Module]:
+def place_model(model: nn.Module, worker: distributed.Worker, channels_last: bool,
+                ddp: DdpSpec | None = None) -> tuple[nn.Module, nn.Module]:
     """Move the model to the worker's device; returns (model, the module to train: DDP-wrapped when distributed)."""
     if worker.world_size > 1:
         model = convert_sync_batchnorm(model, worker.device)
@@ -80,18 +81,26 @@ def place_model(model: nn.Module, worker: distributed.Worker, channels_last: boo
     if worker.world_size == 1:
         return model, model
     device_ids = [worker.device.index] if worker.device.type == "cuda" else None
+    ddp = ddp or DdpSpec()
     # Gradients live in DDP's communication buckets: no copy in and out of them, and one gradient-sized buffer
     # less (about 0.7 GB for the ImageNet recipe).
-    return model, DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+    trained = DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True,
+                                      static_graph=ddp.static_graph)
+    distributed.compress_gradients(trained, ddp.gradient_compression)
+    return model, trained
 
 
 def training_step(model, optimizer, scaler, precision: Precision, loss_spec: LossSpec,
-                  y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
-    """One optimisation step on this worker's share of the global batch; returns the (global) loss."""
+                  y1: torch.Tensor, y2: torch.Tensor, global_batch: int | None = None) -> torch.Tensor:
+    """One optimisation step on this worker's share of the global batch; returns the (global) loss.
+
+    `global_batch`, when known, spares the loss exchanging row counts and waiting for the device.
+    """
     optimizer.zero_grad(set_to_none=True)
     with precision.autocast():
         z1, z2 = model(y1, y2)
-    loss = barlow_twins_loss(z1, z2, loss_spec.lambd, loss_spec.communication) * loss_spec.scale_loss
+    loss = barlow_twins_loss(z1, z2, loss_spec.lambd, loss_spec.communication,
+                             global_batch=global_batch) * loss_spec.scale_loss
     # The logged loss is the reference's; only the gradient is divided, as the reference's was, when asked.
     scaler.scale(loss / (loss_spec.reference_world_size or 1)).backward()
     scaler.step(optimizer)
@@ -106,12 +115,12 @@ class KnnMonitor:
     shares across the workers and gathered, so every worker computes the same accuracy. Nothing here trains.
     """
 
-    def __init__(self, spec: TrainSpec, worker: distributed.Worker):
+    def __init__(self, spec: TrainSpec, worker: distributed.Worker, loader_workers: int):
         self.spec = spec.monitor
         self.epochs = spec.optim.epochs
         self.worker = worker
         self.batch_size = max(1, 256 // worker.world_size)
-        self.workers = spec.data.workers
+        self.workers = loader_workers
         if self.spec.knn_every_epochs:
             transform = feature_pipeline(spec.data.image_size, spec.augment.mean, spec.augment.std)
             self.bank = Transformed(labelled_images(spec.data, train=True), transform)
@@ -144,25 +153,29 @@ def _train(spec: TrainSpec, command: str, worker: distributed.Worker) -> TrainRe
     images = labelled_images(spec.data, train=True)
     color_on_device = spec.augment.color_on == "device" or (
         spec.augment.color_on == "auto" and worker.device.type == "cuda")
+    share = shard(spec.optim.batch_size, worker.rank, worker.world_size)  # as GlobalBatchSampler's slice
     if color_on_device:
         geometric = geometric_pipeline(spec.augment, spec.data.image_size)
         views = (geometric, geometric)
         device_color = DeviceColor(spec.augment, spec.data.image_size, spec.run.seed, spec.optim.batch_size)
-        share = shard(spec.optim.batch_size, worker.rank, worker.world_size)  # as GlobalBatchSampler's slice
         rows = (share.start, share.stop)
     else:
         views = two_view_pipelines(spec.augment, spec.data.image_size)
         device_color = None
+    # uint8 views when the colour half runs on the device: a quarter of the bytes through /dev/shm and the bus
+    view_bytes = 3 * spec.data.image_size ** 2 * (1 if color_on_device else 4)
+    loading = LoaderSettings.choose(
+        spec.data, batch_bytes=2 * view_bytes * len(share),
+        local_workers=distributed.local_world_size(), cuda=worker.device.type == "cuda")
     loader, sampler = two_view_loader(
-        images, views,
-        global_batch=spec.optim.batch_size, rank=worker.rank, world_size=worker.world_size,
-        seed=spec.run.seed, workers=spec.data.workers, pin_memory=worker.device.type == "cuda",
+        images, views, global_batch=spec.optim.batch_size, rank=worker.rank, world_size=worker.world_size,
+        seed=spec.run.seed, settings=loading,
     )
     steps_per_epoch = len(loader)
     total_steps = spec.optim.epochs * steps_per_epoch
 
     channels_last = spec.run.channels_last and worker.device.type == "cuda"
-    model, trained = place_model(BarlowTwins(spec.model), worker, channels_last)
+    model, trained = place_model(BarlowTwins(spec.model), worker, channels_last, spec.ddp)
     optimizer = build_lars(model, spec.optim.weight_decay, spec.optim.momentum, spec.optim.eta)
     schedule = LearningRateSchedule(
         steps_per_epoch=steps_per_epoch, epochs=spec.optim.epochs, warmup_epochs=spec.optim.warmup_epochs,
@@ -179,9 +192,10 @@ def _train(spec: TrainSpec, command: str, worker: distributed.Worker) -> TrainRe
     stats = TrainingStats(spec.run.output, spec.storage, command, total_steps=total_steps, enabled=worker.is_main)
     stats.advance(step)
     preemption = Preemption()
-    monitor = KnnMonitor(spec, worker)
-    log.info("training %s on %d worker(s), %s, %d steps per epoch, global batch %d", spec.model.backbone,
-             worker.world_size, worker.device, steps_per_epoch, spec.optim.batch_size)
+    monitor = KnnMonitor(spec, worker, loading.workers)
+    log.info("training %s on %d worker(s), %s, %d steps per epoch, global batch %d; %d loading process(es), "
+             "prefetch %s", spec.model.backbone, worker.world_size, worker.device, steps_per_epoch,
+             spec.optim.batch_size, loading.workers, loading.prefetch)
 
     last_loss = None
     preempted = False
@@ -198,7 +212,7 @@ def _train(spec: TrainSpec, command: str, worker: distributed.Worker) -> TrainRe
                     y1 = y1.contiguous(memory_format=torch.channels_last)
                     y2 = y2.contiguous(memory_format=torch.channels_last)
                 lr_weights, lr_biases = schedule.apply(optimizer, step)
-                loss = training_step(trained, optimizer, scaler, precision, spec.loss, y1, y2)
+                loss = training_step(trained, optimizer, scaler, precision, spec.loss, y1, y2, spec.optim.batch_size)
                 if step % spec.run.log_every == 0:
                     last_loss = loss.item()
                     stats.log(epoch=epoch, step=step, lr_weights=lr_weights, lr_biases=lr_biases, loss=last_loss)

@@ -5,9 +5,10 @@ import pytest
 import torch
 from torchvision import tv_tensors
 
-from service.data import (Cifar10, DataError, Digits, GlobalBatchSampler, ImageFolder, TwoViews, digits_is_test,
-                          two_view_loader)
-from service.spec import AugmentSpec
+from service.data import (Cifar10, DataError, Digits, GlobalBatchSampler, ImageFolder, LoaderSettings, TwoViews,
+                          digits_is_test, two_view_loader)
+from service.machine import Machine
+from service.spec import AugmentSpec, DataSpec, SpecError
 from service.transforms import two_view_pipelines
 
 
@@ -92,8 +93,9 @@ def test_loader_processes_do_not_change_the_batches():
     pipelines = two_view_pipelines(AugmentSpec(), 16)
     batches = {}
     for workers in (0, 2):
+        settings = LoaderSettings(workers=workers, prefetch=2 if workers else None, pin_memory=False)
         loader, sampler = two_view_loader(images, pipelines, global_batch=32, rank=1, world_size=2, seed=0,
-                                          workers=workers, pin_memory=False)
+                                          settings=settings)
         sampler.set_epoch(1)
         batches[workers] = list(loader)
     assert len(batches[0]) == len(batches[2]) == len(images) // 32
@@ -142,3 +144,40 @@ def test_missing_train_folder_and_missing_cifar_are_clear_errors(tmp_path):
         ImageFolder(str(tmp_path))
     with pytest.raises(DataError, match="CIFAR-10 not found"):
         Cifar10(str(tmp_path))
+
+
+MB = 2**20
+BIG = Machine(cpus=64.0, memory=512 * 1024 * MB, shared_memory=256 * 1024 * MB)
+
+
+def test_auto_loader_shares_the_cores_among_the_nodes_workers():
+    settings = LoaderSettings.choose(DataSpec(), batch_bytes=300 * MB, local_workers=8, cuda=True, machine=BIG)
+    # 64 / 8 cores, one for training; 3 batches of each of 7 processes (6.2 GB) fit in an eighth of the memory (8 GB)
+    assert settings == LoaderSettings(workers=7, prefetch=3, pin_memory=True)
+    one = LoaderSettings.choose(DataSpec(), batch_bytes=MB, local_workers=1, cuda=False, machine=BIG)
+    assert one.workers == 16 and not one.pin_memory  # capped
+    laptop = Machine(cpus=2.0, memory=8 * 1024 * MB, shared_memory=4 * 1024 * MB)
+    assert LoaderSettings.choose(DataSpec(), batch_bytes=MB, local_workers=1, cuda=False, machine=laptop).workers == 1
+    single_core = Machine(cpus=1.0, memory=8 * 1024 * MB, shared_memory=4 * 1024 * MB)
+    assert LoaderSettings.choose(DataSpec(), batch_bytes=MB, local_workers=1, cuda=False,
+                                 machine=single_core) == LoaderSettings(workers=0, prefetch=None, pin_memory=False)
+
+
+def test_auto_loader_fits_the_shared_memory():
+    small_shm = Machine(cpus=64.0, memory=512 * 1024 * MB, shared_memory=8 * 1024 * MB)  # 1 GB per training worker
+    settings = LoaderSettings.choose(DataSpec(), batch_bytes=100 * MB, local_workers=8, cuda=True, machine=small_shm)
+    assert settings.workers == 2  # a quarter of 1 GB holds two 100 MB batches
+    assert settings.workers * settings.prefetch * 100 * MB <= 1024 * MB
+    roomy = LoaderSettings.choose(DataSpec(), batch_bytes=100 * MB, local_workers=8, cuda=True, machine=BIG)
+    assert roomy.workers == 7 and roomy.prefetch == 4
+
+
+def test_explicit_settings_are_kept_and_an_impossible_one_is_refused():
+    spec = DataSpec(workers=3, prefetch=2)
+    assert LoaderSettings.choose(spec, batch_bytes=MB, local_workers=1, cuda=False,
+                                 machine=BIG) == LoaderSettings(workers=3, prefetch=2, pin_memory=False)
+    tiny_shm = Machine(cpus=64.0, memory=512 * 1024 * MB, shared_memory=64 * MB)  # a container's default /dev/shm
+    with pytest.raises(SpecError, match="shared memory"):
+        LoaderSettings.choose(DataSpec(workers=8), batch_bytes=300 * MB, local_workers=1, cuda=True, machine=tiny_shm)
+    assert LoaderSettings.choose(DataSpec(workers=0), batch_bytes=300 * MB, local_workers=1, cuda=True,
+                                 machine=tiny_shm).workers == 0

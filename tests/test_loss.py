@@ -220,3 +220,101 @@ def test_communication_plan_chosen_by_bytes_where_bytes_are_dear():
     assert choose_communication(2048, 8192, multi_node=True) == "gather"   # 2 N D < 4 D^2: 8x fewer bytes
     assert choose_communication(20000, 8192, multi_node=True) == "reduce"  # N >= 2 D: the matrix is smaller
     assert choose_communication(2048, 8192, multi_node=False) == "reduce"  # NVLink: bytes are cheap, matmuls not
+
+
+def test_global_batch_that_is_not_the_rows_is_rejected():
+    z = torch.randn(8, 4)
+    with pytest.raises(ValueError, match=r"holds 8 rows, but its share of the global batch 16 is 16 rows"):
+        barlow_twins_loss(z, z, global_batch=16)
+    with pytest.raises(ValueError, match="share of the global batch"):
+        cross_correlation(z, z, "gather", global_batch=4)
+
+
+def test_known_global_batch_gives_the_measured_loss():
+    gen = torch.Generator().manual_seed(8)
+    z1, z2 = torch.randn(2, 10, 6, dtype=torch.float64, generator=gen)
+    for communication in ("reduce", "gather", "auto"):
+        known = barlow_twins_loss(z1, z2, communication=communication, global_batch=10)
+        assert known.item() == pytest.approx(barlow_twins_loss(z1, z2, communication=communication).item(), rel=1e-12)
+
+
+def _own_and_others(n_own: int, n_others: int, d: int, dtype=torch.float64, offset: float = 0.0):
+    gen = torch.Generator().manual_seed(n_own * 31 + n_others)
+    # Offsets and scales per dimension, and correlated views, as the embeddings of a real batch.
+    z1 = torch.randn(n_own + n_others, d, dtype=torch.float64, generator=gen) * 3.0 + offset
+    z2 = 0.6 * z1 + torch.randn(n_own + n_others, d, dtype=torch.float64, generator=gen) - offset
+    return z1.to(dtype), z2.to(dtype)
+
+
+@pytest.mark.parametrize("n_own,n_others", [(5, 11), (1, 7), (6, 0), (0, 9)])
+def test_cross_correlation_of_own_rows_has_the_whole_batch_value_and_gradient(n_own, n_others):
+    from service.loss import cross_correlation_of_own_rows
+
+    z1, z2 = _own_and_others(n_own, n_others, 7)
+    own1 = z1[:n_own].clone().requires_grad_(True)
+    own2 = z2[:n_own].clone().requires_grad_(True)
+    c = cross_correlation_of_own_rows(own1, own2, z1[n_own:], z2[n_own:])
+    whole1, whole2 = z1.clone().requires_grad_(True), z2.clone().requires_grad_(True)
+    expected = cross_correlation(whole1, whole2)
+    torch.testing.assert_close(c, expected, rtol=1e-12, atol=1e-12)
+    # The loss's gradient with respect to the own rows is the whole batch's, restricted to them.
+    weights = torch.randn(7, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    (c * weights).sum().backward()
+    (expected * weights).sum().backward()
+    if n_own:
+        torch.testing.assert_close(own1.grad, whole1.grad[:n_own], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(own2.grad, whole2.grad[:n_own], rtol=1e-10, atol=1e-12)
+
+
+def test_cross_correlation_of_own_rows_in_fp32_does_not_cancel():
+    # Embeddings far from zero: centring the others by the batch mean before their product keeps fp32 accurate.
+    from service.loss import cross_correlation_of_own_rows
+
+    z1, z2 = _own_and_others(6, 26, 8, offset=1000.0)
+    expected = cross_correlation(z1, z2)  # float64
+    got = cross_correlation_of_own_rows(z1[:6].float(), z2[:6].float(), z1[6:].float(), z2[6:].float())
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-4)
+
+
+def test_gather_backward_multiplies_own_rows_only():
+    # The backward's matrix products cost the own rows' share (N_own D^2 multiply-adds, twice), not the batch's;
+    # the forward still multiplies the whole batch. (The own product carries two more rows: the mean's terms.)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from service.loss import cross_correlation_of_own_rows
+
+    n_own, n_others, d = 4, 60, 32
+    z1, z2 = _own_and_others(n_own, n_others, d, dtype=torch.float32)
+    own1, own2 = z1[:n_own].clone().requires_grad_(True), z2[:n_own].clone().requires_grad_(True)
+    with FlopCounterMode(display=False) as forward:
+        loss = cross_correlation_of_own_rows(own1, own2, z1[n_own:], z2[n_own:]).square().sum()
+    with FlopCounterMode(display=False) as backward:
+        loss.backward()
+    assert forward.get_total_flops() == 2 * (n_own + 2 + n_others) * d * d
+    assert backward.get_total_flops() == 2 * 2 * (n_own + 2) * d * d
+    # Whereas autograd through the whole batch's product (the plan before) costs the whole batch backward.
+    whole1, whole2 = z1.clone().requires_grad_(True), z2.clone().requires_grad_(True)
+    loss = cross_correlation(whole1, whole2).square().sum()
+    with FlopCounterMode(display=False) as whole:
+        loss.backward()
+    assert whole.get_total_flops() == 2 * 2 * (n_own + n_others) * d * d
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is a CUDA matter")
+def test_loss_with_known_global_batch_never_waits_for_the_device():
+    from service.loss import cross_correlation_of_own_rows
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    z1 = torch.randn(64, 32, device="cuda", generator=gen, requires_grad=True)
+    z2 = torch.randn(64, 32, device="cuda", generator=gen, requires_grad=True)
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")  # a synchronising call raises
+    try:
+        for communication in ("reduce", "gather", "auto"):
+            barlow_twins_loss(z1, z2, communication=communication, global_batch=64).backward()
+        cross_correlation_of_own_rows(z1[:8], z2[:8], z1[8:].detach(), z2[8:].detach()).square().sum().backward()
+        with pytest.raises(RuntimeError):  # the check can fail: measuring the batch for `auto` waits
+            barlow_twins_loss(z1, z2, communication="auto")
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)

@@ -95,7 +95,8 @@ def test_defaults_are_the_reference_recipe():
     assert spec.model.backbone == "resnet50"
     assert spec.model.stem == "imagenet"
     assert spec.data.image_size == 224
-    assert spec.data.workers == 8
+    assert spec.data.workers == "auto"  # the reference's 8 per GPU is a machine setting: sized from the machine
+    assert spec.ddp.static_graph and spec.ddp.gradient_compression == "none"  # fp32 gradients, as the reference
     assert spec.run.precision == "fp16"
     assert spec.run.log_every == 100
     assert spec.augment.crop_scale == (0.08, 1.0)

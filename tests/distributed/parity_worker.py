@@ -2,7 +2,9 @@
 
 Each worker takes its contiguous slice of the global batch (as GlobalBatchSampler does). Rank 0 saves the loss
 and the gradients of the first step and the parameters after the last, for the test to compare.
-    torchrun --nproc-per-node 2 tests/distributed/parity_worker.py OUT.pt [DIVISOR|none] [reduce|gather]
+    torchrun --nproc-per-node 2 tests/distributed/parity_worker.py OUT.pt [DIVISOR|none] [reduce|gather] [known|measured]
+`known` passes the global batch to the loss (as the training loop does: the row counts are its shards); `measured`
+(the default) leaves the loss to exchange the counts.
 """
 
 import sys
@@ -19,7 +21,7 @@ GLOBAL_BATCH = 16
 STEPS = 3
 
 
-def main(out: str, divisor: int | None, communication: str) -> None:
+def main(out: str, divisor: int | None, communication: str, known_batch: bool) -> None:
     worker = distributed.start("cpu")
     torch.manual_seed(0)
     model, trained = place_model(
@@ -37,7 +39,7 @@ def main(out: str, divisor: int | None, communication: str) -> None:
         y1, y2 = torch.randn(2, GLOBAL_BATCH, 3, 8, 8, generator=generator)
         schedule.apply(optimizer, step + 1)
         loss = training_step(trained, optimizer, scaler, precision, LossSpec(reference_world_size=divisor, communication=communication),
-                             y1[share], y2[share])
+                             y1[share], y2[share], GLOBAL_BATCH if known_batch else None)
         if step == 0:
             record["loss"] = loss
             record["grads"] = {name: p.grad.clone() for name, p in model.named_parameters()}
@@ -50,4 +52,5 @@ def main(out: str, divisor: int | None, communication: str) -> None:
 
 if __name__ == "__main__":
     divisor = sys.argv[2] if len(sys.argv) > 2 else "none"
-    main(sys.argv[1], None if divisor == "none" else int(divisor), sys.argv[3] if len(sys.argv) > 3 else "reduce")
+    main(sys.argv[1], None if divisor == "none" else int(divisor), sys.argv[3] if len(sys.argv) > 3 else "reduce",
+         len(sys.argv) > 4 and sys.argv[4] == "known")
