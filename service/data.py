@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from service.distributed import shard as shard  # the rows' partition over ranks lives there; re-exported
+from service.distributed import shard  # noqa: F401 (re-exported: the rows' partition over ranks lives there)
 from service.machine import Machine
 from service.spec import DataSpec, EvalDataSpec, SpecError
 

@@ -12,7 +12,13 @@ from __future__ import annotations
 import torch
 
 from service.distributed import (
-    all_reduce_sum, gather_rows, rank, row_counts, scale_grad_by_world, spans_nodes, world_size,
+    all_reduce_sum,
+    gather_rows,
+    rank,
+    row_counts,
+    scale_grad_by_world,
+    spans_nodes,
+    world_size,
 )
 
 BATCHNORM_EPS = 1e-5  # the eps of the reference's BatchNorm1d(affine=False)
@@ -35,8 +41,9 @@ def _normalize_over_global_batch(z: torch.Tensor, global_count: torch.Tensor | i
 
 def choose_communication(global_batch: int, dim: int, multi_node: bool) -> str:
     """`reduce` all-reduces the D x D matrix forward and its gradient backward (about 4 D^2 floats through each
-    worker); `gather` all-gathers both views' embeddings (2 N D floats) but multiplies the whole batch forward on every
-    worker (backward, its own rows only). Gather where bytes are dear, across nodes, and fewer (N < 2 D); see bench/README.md."""
+    worker); `gather` all-gathers both views' embeddings (2 N D floats) but multiplies the whole batch forward on
+    every worker (backward: its own rows only). Gather where bytes are dear, across nodes, and fewer (N < 2 D); see
+    bench/README.md."""
     return "gather" if multi_node and global_batch < 2 * dim else "reduce"
 
 

@@ -205,6 +205,10 @@ class RunSpec(_Section):
         "CPU autocast and fp16 falls back to fp32."
     )
     channels_last: bool = Field(True, description="Use the channels_last memory format for the convolutions on CUDA.")
+    compile: bool = Field(
+        False, description="torch.compile the model (Inductor; the first steps compile for a few minutes, later ones "
+        "run faster on GPUs). Needs a C compiler, which the training image has. Off: eager, as the reference."
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: CUDA when available, else the CPU.")
     log_every: int = Field(100, ge=1, description="Steps between stats lines (reference: 100).")
 

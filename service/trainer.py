@@ -176,6 +176,8 @@ def _train(spec: TrainSpec, command: str, worker: distributed.Worker) -> TrainRe
 
     channels_last = spec.run.channels_last and worker.device.type == "cuda"
     model, trained = place_model(BarlowTwins(spec.model), worker, channels_last, spec.ddp)
+    if spec.run.compile:  # the DDP module compiled whole: Dynamo splits its graph at the gradient buckets
+        trained = torch.compile(trained)
     optimizer = build_lars(model, spec.optim.weight_decay, spec.optim.momentum, spec.optim.eta)
     schedule = LearningRateSchedule(
         steps_per_epoch=steps_per_epoch, epochs=spec.optim.epochs, warmup_epochs=spec.optim.warmup_epochs,

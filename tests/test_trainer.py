@@ -1,11 +1,20 @@
 """The training step's precision handling: autocast and loss scaling as the spec and the device ask."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 
 from service.model import BarlowTwins
 from service.optim import build_lars
 from service.spec import LossSpec, ModelSpec
 from service.trainer import Precision, training_step
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_precision_choice_per_device():
@@ -34,3 +43,25 @@ def test_bf16_step_runs_the_network_in_bf16_and_the_loss_in_fp32():
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert model.backbone.conv1.weight.dtype == torch.float32  # master weights stay fp32
     assert not torch.equal(model.backbone.conv1.weight, before)
+
+
+@pytest.mark.slow
+def test_compiled_training_follows_eager_training(tmp_path):
+    """run.compile: Inductor's kernels (C++ on the CPU, Triton on GPUs) train as the eager model does, up to the
+    rounding of fused kernels."""
+
+    def losses(name: str, *overrides: str) -> dict[int, float]:
+        output = tmp_path / name
+        settings = ["optim.epochs=1", "run.log_every=1", "monitor.knn_every_epochs=null", f"run.output={output}",
+                    *overrides]
+        subprocess.run([sys.executable, "-m", "service", "train", "specs/digits.yaml",
+                        *[arg for setting in settings for arg in ("--set", setting)]],
+                       cwd=ROOT, check=True, capture_output=True, timeout=900,
+                       env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
+        lines = [json.loads(line) for line in (output / "stats.txt").read_text().splitlines() if '"loss"' in line]
+        return {line["step"]: line["loss"] for line in lines}
+
+    eager, compiled = losses("eager"), losses("compiled", "run.compile=true")
+    assert eager.keys() == compiled.keys() == set(range(8))
+    for step, loss in eager.items():
+        assert compiled[step] == pytest.approx(loss, rel=1e-3), step

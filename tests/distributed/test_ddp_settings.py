@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parents[2]
 def losses(tmp_path: Path, name: str, *overrides: str) -> dict[int, float]:
     output = tmp_path / name
     settings = ["optim.epochs=1", "run.log_every=1", f"run.output={output}", *overrides]
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "service",
-                    "train", "specs/digits.yaml", *[arg for setting in settings for arg in ("--set", setting)]],
+    arguments = [arg for setting in settings for arg in ("--set", setting)]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                    "-m", "service", "train", "specs/digits.yaml", *arguments],
                    cwd=ROOT, check=True, capture_output=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines = [json.loads(line) for line in (output / "stats.txt").read_text().splitlines() if '"loss"' in line]
     return {line["step"]: line["loss"] for line in lines}
