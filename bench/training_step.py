@@ -69,7 +69,8 @@ def main() -> None:
     scaler = precision.grad_scaler()
     loss_spec = LossSpec(lambd=0.005)
     ours_time = median_step_time(
-        lambda y1, y2: training_step(ours, optimizer, scaler, precision, loss_spec, y1, y2), inputs, 2, args.steps)
+        lambda y1, y2: training_step(ours, optimizer, scaler, precision, loss_spec, y1, y2, args.batch),
+        inputs, 2, args.steps)
 
     torch.manual_seed(0)
     backbone = build_backbone("resnet18", "cifar")
