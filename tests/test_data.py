@@ -181,3 +181,12 @@ def test_explicit_settings_are_kept_and_an_impossible_one_is_refused():
         LoaderSettings.choose(DataSpec(workers=8), batch_bytes=300 * MB, local_workers=1, cuda=True, machine=tiny_shm)
     assert LoaderSettings.choose(DataSpec(workers=0), batch_bytes=300 * MB, local_workers=1, cuda=True,
                                  machine=tiny_shm).workers == 0
+
+
+def test_auto_loader_for_the_imagenet_recipe_on_the_components_default_pod():
+    """8 GPUs with the TorchX component's defaults per GPU (10 cores, 80 GB, 8 GB of /dev/shm), 256 images per GPU
+    shipped as uint8 (colour on the device): the numbers bench/README.md quotes."""
+    pod = Machine(cpus=80.0, memory=8 * 80 * 1024 * MB, shared_memory=8 * 8 * 1024 * MB)
+    settings = LoaderSettings.choose(DataSpec(), batch_bytes=2 * 256 * 3 * 224 * 224, local_workers=8, cuda=True,
+                                     machine=pod)
+    assert settings == LoaderSettings(workers=9, prefetch=3, pin_memory=True)
