@@ -172,7 +172,7 @@ def apply_color(images: torch.Tensor, params: ColorParameters, kernel_size: int,
 
 
 class DeviceColor:
-    """Applies both views' colour augmentations to a worker's rows of the global batch (spec.augment.color_on_device)."""
+    """Applies both views' colour augmentations to a worker's rows of the global batch (`augment.color_on`)."""
 
     def __init__(self, spec: AugmentSpec, image_size: int, seed: int, global_batch: int):
         self.spec = spec

@@ -26,7 +26,7 @@ from service.machine import Machine
 from service.spec import DataSpec, EvalDataSpec, SpecError
 
 log = logging.getLogger("barlow")
-MAX_AUTO_WORKERS = 16
+MAX_AUTO_WORKERS = 16  # more processes than this add memory and start-up time faster than images per second
 
 
 class DataError(RuntimeError):
