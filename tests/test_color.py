@@ -140,3 +140,18 @@ def test_training_with_colour_on_the_device_is_the_same_on_one_and_two_workers(t
     assert one.keys() == two.keys() == set(range(8))
     for step, loss in one.items():  # the same views and the same global batch: equal up to summation order
         assert two[step] == pytest.approx(loss, rel=1e-4), step
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is a CUDA matter")
+def test_colour_on_the_gpu_never_waits_for_it():
+    color = DeviceColor(REFERENCE, image_size=32, seed=0, global_batch=64)
+    views = tuple(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, device="cuda") for _ in range(2))
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")  # a synchronising call raises
+    try:
+        out = color(views, epoch=0, step=0, rows=(0, 64))
+        with pytest.raises(RuntimeError):  # the check can fail: reading a value back waits
+            out[0].sum().item()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
