@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# A Debian bookworm base image with Python 3.11 and its headers (as python:3.11-slim has), made locally with debootstrap for machines that cannot pull
-# from an image registry (this project's CI). Needs root and debootstrap. Usage: docker/base-image.sh [TAG]
+# A Debian bookworm base image with Python 3.11 and its headers (as python:3.11-slim has), made locally with
+# debootstrap for machines that cannot pull from an image registry (this project's CI). Needs root and debootstrap.
+# Usage: docker/base-image.sh [TAG]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tag="${1:-localhost/debian-python:3.11-bookworm}"
