@@ -25,7 +25,7 @@ from service import distributed
 from service.checkpoint import CheckpointError, list_checkpoints
 from service.data import DataError
 from service.metrics import NonFiniteLoss
-from service.export import export_checkpoint
+from service.export import export_checkpoint, exported_weights_url
 from service.spec import EvaluateSpec, SpecError, StorageSpec, json_schema, load_spec, spec_kind, spec_to_yaml
 from service.storage import StorageError
 
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             from service.compare import compare, format_table
 
             spec = load_spec(args.spec, args.overrides)
-            weights = args.weights or f"{spec.run.output.rstrip('/')}/{spec.model.backbone}.pth"
+            weights = args.weights or exported_weights_url(spec)
             print(f"{spec.model.backbone} pretrained ({weights}) vs the same randomly initialised vs raw pixels")
             print(format_table(compare(spec, weights)))
             return 0

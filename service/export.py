@@ -27,10 +27,15 @@ def write_backbone(state: dict[str, torch.Tensor], url: str, storage: StorageSpe
         torch.save(state, file)
 
 
+def exported_weights_url(spec: TrainSpec) -> str:
+    """Where a training run exports its backbone: `<run.output>/<backbone>.pth`."""
+    return f"{spec.run.output.rstrip('/')}/{spec.model.backbone}.pth"
+
+
 def export_backbone(model: nn.Module, spec: TrainSpec) -> str:
     """Write `<backbone>.pth` and the resolved spec into the run's output; returns the weights' URL."""
     output = spec.run.output.rstrip("/")
-    url = f"{output}/{spec.model.backbone}.pth"
+    url = exported_weights_url(spec)
     write_backbone(backbone_state_dict(model), url, spec.storage)
     fs, path = filesystem(output, spec.storage)
     fs.pipe_file(f"{path}/spec.yaml", spec_to_yaml(spec).encode())

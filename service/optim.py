@@ -91,12 +91,11 @@ class LARS(torch.optim.Optimizer):
         exempt = [self._is_bias_or_norm(p) for p in params]
         decayed = [i for i, e in enumerate(exempt) if not (group["weight_decay_filter"] and e)]
         # new tensors: the gradients themselves are never scaled
-        updates = [p.grad.clone() for p in params]
+        with_decay = {}
         if decayed and group["weight_decay"]:
-            with_decay = multi_tensor.add([params[i].grad for i in decayed], [params[i] for i in decayed],
-                                          alpha=group["weight_decay"])
-            for i, update in zip(decayed, with_decay):
-                updates[i] = update
+            with_decay = dict(zip(decayed, multi_tensor.add([params[i].grad for i in decayed],
+                                                            [params[i] for i in decayed], alpha=group["weight_decay"])))
+        updates = [with_decay[i] if i in with_decay else p.grad.clone() for i, p in enumerate(params)]
         adapted = [i for i, e in enumerate(exempt) if not (group["lars_adaptation_filter"] and e)]
         if adapted:
             param_norm = multi_tensor.norms([params[i] for i in adapted])

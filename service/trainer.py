@@ -20,7 +20,7 @@ from service.batchnorm import convert_sync_batchnorm
 from service.checkpoint import CheckpointManager
 from service.color import DeviceColor
 from service.data import LoaderSettings, Transformed, labelled_images, shard, two_view_loader
-from service.export import export_backbone
+from service.export import export_backbone, exported_weights_url
 from service.loss import barlow_twins_loss
 from service.metrics import TrainingStats
 from service.model import BarlowTwins
@@ -238,9 +238,8 @@ def _train(spec: TrainSpec, command: str, worker: distributed.Worker) -> TrainRe
         checkpointer.close()
         stats.close()
 
-    weights = f"{spec.run.output.rstrip('/')}/{spec.model.backbone}.pth"
     if worker.is_main and not preempted:
-        weights = export_backbone(model, spec)
+        export_backbone(model, spec)
     distributed.barrier()
-    return TrainResult(output=spec.run.output, weights=weights, steps=step, last_loss=last_loss,
+    return TrainResult(output=spec.run.output, weights=exported_weights_url(spec), steps=step, last_loss=last_loss,
                        preempted=preempted, failed_checkpoints=checkpointer.failed)

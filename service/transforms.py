@@ -43,14 +43,20 @@ class PILGaussianBlur(torch.nn.Module):
         return tv_tensors.Image(v2.functional.pil_to_tensor(blurred))
 
 
-def view_pipeline(spec: AugmentSpec, image_size: int, view: int) -> v2.Compose:
-    """The pipeline of view 0 or view 1."""
-    return v2.Compose([
+def _geometric(spec: AugmentSpec, image_size: int) -> list[v2.Transform]:
+    return [
         v2.RandomResizedCrop(
             image_size, scale=spec.crop_scale, ratio=(3 / 4, 4 / 3),
             interpolation=v2.InterpolationMode.BICUBIC, antialias=True,
         ),
         v2.RandomHorizontalFlip(p=spec.horizontal_flip),
+    ]
+
+
+def view_pipeline(spec: AugmentSpec, image_size: int, view: int) -> v2.Compose:
+    """The pipeline of view 0 or view 1."""
+    return v2.Compose([
+        *_geometric(spec, image_size),
         v2.RandomApply([v2.ColorJitter(**JITTER)], p=spec.color_jitter),
         v2.RandomGrayscale(p=spec.grayscale),
         v2.RandomApply([PILGaussianBlur(BLUR_SIGMA)], p=spec.blur[view]),
@@ -62,13 +68,7 @@ def view_pipeline(spec: AugmentSpec, image_size: int, view: int) -> v2.Compose:
 
 def geometric_pipeline(spec: AugmentSpec, image_size: int) -> v2.Compose:
     """The per-image half when the colour half runs on the device (service/color.py): crop and flip, uint8 out."""
-    return v2.Compose([
-        v2.RandomResizedCrop(
-            image_size, scale=spec.crop_scale, ratio=(3 / 4, 4 / 3),
-            interpolation=v2.InterpolationMode.BICUBIC, antialias=True,
-        ),
-        v2.RandomHorizontalFlip(p=spec.horizontal_flip),
-    ])
+    return v2.Compose(_geometric(spec, image_size))
 
 
 def two_view_pipelines(spec: AugmentSpec, image_size: int) -> tuple[v2.Compose, v2.Compose]:
