@@ -25,6 +25,7 @@ from torchx import specs
 from torchx.specs import macros
 
 from components.resources import SHM_CAPABILITY, WORKERS_METADATA
+from service.redaction import credential_key, has_url_userinfo
 
 DEFAULT_IMAGE = "barlowtwins-service:latest"
 # Without a named resource, a node's share is sized from its GPUs (torchx's default, 2 CPUs and 1 GiB, is no
@@ -125,6 +126,20 @@ def evaluate(
                          max_restarts, rdzv_port, env, mounts, name, role="evaluator")
 
 
+def _refuse_credentials(override: str) -> None:
+    """A pod's arguments are visible to anyone who can read the Job: no override may carry a credential. The
+    message names the key, never the value."""
+    key = override.partition("=")[0]
+    secret = credential_key(override)
+    if secret or has_url_userinfo(override):
+        what = f"sets a credential ({secret!r})" if secret else "holds a URL with user info (user:password@)"
+        raise ValueError(
+            f"override {key}=... {what}: credentials never go in a job's arguments or spec; use environment "
+            "variables (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY), AWS_PROFILE or storage.profile, web identity "
+            "(IRSA), or a Kubernetes Secret mounted as environment (barlow submit --s3-secret)"
+        )
+
+
 def _torchrun_job(subcommand: str, spec: str, overrides: tuple, image: str, nnodes: str, nproc_per_node: Optional[int],
                   h: Optional[str], gpu: int, cpu: Optional[int], memMB: Optional[int], shmMB: Optional[int],
                   max_restarts: int, rdzv_port: int, env: Optional[Dict[str, str]], mounts: Optional[List[str]],
@@ -158,13 +173,14 @@ def _torchrun_job(subcommand: str, spec: str, overrides: tuple, image: str, nnod
         "torchrun",
         "--rdzv_backend", "c10d",
         "--rdzv_endpoint", endpoint,
-        "--rdzv_id", macros.app_id,
+        "--rdzv_id", macros.app_id,  # TORCHELASTIC_RUN_ID: the job's restarts keep run.output's lease
         "--nnodes", f"{low}:{high}" if low != high else str(low),
         "--nproc_per_node", str(nproc),
         "--max_restarts", str(max_restarts),
         "-m", "service", subcommand, spec,
     ]
     for override in overrides:
+        _refuse_credentials(override)
         command += ["--set", override]
     return specs.AppDef(
         name=name,

@@ -25,9 +25,10 @@ from service import distributed
 from service.checkpoint import CheckpointError, list_checkpoints
 from service.data import DataError
 from service.metrics import NonFiniteLoss
+from service.redaction import redact_arguments
 from service.export import export_checkpoint, exported_weights_url
 from service.spec import EvaluateSpec, SpecError, StorageSpec, json_schema, load_spec, spec_kind, spec_to_yaml
-from service.storage import StorageError
+from service.storage import StorageError, explain, require_exists, storage_errors
 
 log = logging.getLogger("barlow")
 
@@ -43,8 +44,12 @@ def _parser() -> argparse.ArgumentParser:
                              help="override one field, e.g. --set optim.lr_weights=0.3 (repeatable; YAML values)")
         return command
 
-    with_spec("train", "Pretrain a backbone as the spec says.")
-    with_spec("evaluate", "Evaluate a backbone as an evaluation spec says (linear probe, finetune, kNN).")
+    train = with_spec("train", "Pretrain a backbone as the spec says.")
+    evaluate = with_spec("evaluate", "Evaluate a backbone as an evaluation spec says (linear probe, finetune, kNN).")
+    for command in (train, evaluate):
+        command.add_argument("--force", action="store_true",
+                             help="take run.output's lease from the job that holds it, without waiting for its "
+                             "heartbeat to go stale (only when you know that job is gone)")
     compare = with_spec("compare", "Pretrained backbone vs random init vs raw pixels: kNN, linear, few-shot.")
     compare.add_argument("--weights", help="backbone weights or checkpoint; default: the training spec's export")
     validate = with_spec("validate", "Validate a spec and print it with every default filled in.")
@@ -190,6 +195,7 @@ def _print_checkpoints(run: str, storage: StorageSpec) -> None:
             "valid" if checkpoint.valid else f"INVALID: {checkpoint.problem}",
         ))
     if len(rows) == 1:
+        require_exists(run, storage)  # a missing bucket, or no such run, is an error, not an empty listing
         print(f"no checkpoints under {run}")
         return
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
@@ -201,7 +207,8 @@ def _evaluate(args: argparse.Namespace, argv: list[str] | None) -> int:
     from service.evaluate import evaluate
 
     spec = load_spec(args.spec, args.overrides, kind=EvaluateSpec)
-    result = evaluate(spec, command=shlex.join(["barlow", *(sys.argv[1:] if argv is None else argv)]))
+    result = evaluate(spec, command=shlex.join(["barlow", *redact_arguments(sys.argv[1:] if argv is None else argv)]),
+                      force=args.force)
     if os.environ.get("RANK", "0") == "0":
         print(f"{result.mode}: top-1 {result.acc1:.2f} top-5 {result.acc5:.2f} (best {result.best_acc1:.2f} / "
               f"{result.best_acc5:.2f}) on {result.train_images} training images; {result.output}/results.json")
@@ -259,7 +266,13 @@ def main(argv: list[str] | None = None) -> int:
         from service.trainer import train
 
         spec = load_spec(args.spec, args.overrides, world_size=distributed.launched_world_size())
-        result = train(spec, command=shlex.join(["barlow", *sys.argv[1:]] if argv is None else ["barlow", *argv]))
+        result = train(spec, command=shlex.join(["barlow", *redact_arguments(sys.argv[1:] if argv is None else argv)]),
+                       force=args.force)
+        if not result.last_checkpoint_committed:
+            print(f"barlow: the checkpoint of step {result.steps} was not committed (steps {result.failed_checkpoints} "
+                  f"failed; see the log above), so the run's end is not saved and nothing was exported: run the same "
+                  "command again to resume from the newest committed checkpoint", file=sys.stderr)
+            return 3
         if os.environ.get("RANK", "0") == "0":
             if result.preempted:
                 print(f"stopped by SIGTERM after {result.steps} steps; checkpoint under {result.output}/checkpoints; "
@@ -270,6 +283,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except (SpecError, DataError, NonFiniteLoss, StorageError, CheckpointError, ValueError) as error:
         print(f"barlow: {error}", file=sys.stderr)
+        return 2
+    except storage_errors() as error:  # reading a run or a checkpoint: bad credentials, endpoint, bucket
+        if args.command not in ("checkpoints", "export"):
+            raise
+        print(f"barlow: {explain(args.run if args.command == 'checkpoints' else args.checkpoint, error)}",
+              file=sys.stderr)
         return 2
 
 

@@ -9,6 +9,8 @@ is the same computation at any world size.
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,7 +97,21 @@ class ImageFolder(torchvision.datasets.ImageFolder):
         folder = Path(root) / split
         if not folder.is_dir():
             raise DataError(f"{folder} is not a folder: data.path must hold a {split}/ folder with one folder per class")
-        super().__init__(str(folder), loader=decode_image_file)
+        super().__init__(str(folder), loader=decode_image_file, is_valid_file=_regular_image_file)
+
+
+def _regular_image_file(path: str) -> bool:
+    """torchvision's default test (an image extension), and a file with that name must be a regular file: a FIFO,
+    a socket or a device would block or fail the loader in the middle of training."""
+    if not torchvision.datasets.folder.has_file_allowed_extension(path, torchvision.datasets.folder.IMG_EXTENSIONS):
+        return False
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except OSError as error:  # a dangling link, no permission
+        raise DataError(f"{path}: cannot read this image file ({error}): remove or replace it") from None
+    if not regular:
+        raise DataError(f"{path}: not a regular file (a FIFO, socket or device): remove it from the data set")
+    return True
 
 
 def labelled_images(spec: DataSpec, train: bool = True) -> Dataset:

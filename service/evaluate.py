@@ -118,15 +118,15 @@ def count_correct(model: nn.Module, images: Dataset, worker: distributed.Worker,
     return int(counts[0]), int(counts[1]), int(counts[2])
 
 
-def evaluate(spec: EvaluateSpec, command: str) -> EvaluationResult:
+def evaluate(spec: EvaluateSpec, command: str, force: bool = False) -> EvaluationResult:
     worker = distributed.start(spec.run.device)
     try:
-        return _evaluate(spec, command, worker)
+        return _evaluate(spec, command, worker, force)
     finally:
         distributed.stop()
 
 
-def _evaluate(spec: EvaluateSpec, command: str, worker: distributed.Worker) -> EvaluationResult:
+def _evaluate(spec: EvaluateSpec, command: str, worker: distributed.Worker, force: bool) -> EvaluationResult:
     torch.manual_seed(spec.run.seed)
     train_transform, val_transform = classification_pipelines(spec.data)
     train_images = labelled_images(spec.data, train=True)
@@ -181,7 +181,7 @@ def _evaluate(spec: EvaluateSpec, command: str, worker: distributed.Worker) -> E
     checkpointer = CheckpointManager(
         run_url=spec.run.output, spec=spec.checkpoint, storage=spec.storage, worker=worker, model=model,
         optimizer=optimizer, scaler=scaler, steps_per_epoch=steps_per_epoch, resolved_spec=spec.model_dump(mode="json"),
-        model_section="backbone",
+        force=force,
     )
     step = checkpointer.restore()
     first_epoch = -(-step // steps_per_epoch)  # evaluation checkpoints are taken at epoch ends

@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 from service.checkpoint import CheckpointError, inspect_checkpoint, list_checkpoints
-from service.dcp_io import load
+from service.dcp_io import CorruptCheckpoint, load
 from service.model import BarlowTwins
 from service.spec import ModelSpec, StorageSpec, TrainSpec, spec_to_yaml
-from service.storage import filesystem, fsspec_options
+from service.storage import StorageError, explain, filesystem, fsspec_options, is_remote, storage_errors
 
 
 def backbone_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -20,11 +20,17 @@ def backbone_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def write_backbone(state: dict[str, torch.Tensor], url: str, storage: StorageSpec) -> None:
-    """Save a backbone state_dict to a path or URL."""
+    """Save a backbone state_dict to a path or URL; a failure is a StorageError naming the URL.
+
+    Only a local path gets its missing folders: on an object store makedirs would create a missing bucket."""
     fs, path = filesystem(url, storage)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "wb") as file:
-        torch.save(state, file)
+    try:
+        if not is_remote(url):
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with fs.open(path, "wb") as file:
+            torch.save(state, file)
+    except storage_errors() as error:
+        raise StorageError(explain(url, error)) from None
 
 
 def exported_weights_url(spec: TrainSpec) -> str:
@@ -49,7 +55,10 @@ def checkpoint_backbone(checkpoint_url: str, storage: StorageSpec) -> dict[str, 
         raise CheckpointError(f"{checkpoint_url} cannot be read: {checkpoint.problem}")
     model = BarlowTwins(ModelSpec.model_validate(checkpoint.manifest["spec"]["model"]))
     state = {"model": model.state_dict()}
-    load(state, checkpoint.url, fsspec_options(checkpoint.url, storage))
+    try:  # every object is checked against the manifest as it is read: a corrupt checkpoint is never exported
+        load(state, checkpoint.url, checkpoint.objects, fsspec_options(checkpoint.url, storage))
+    except CorruptCheckpoint as error:
+        raise CheckpointError(f"{checkpoint_url} is corrupt: {error}") from None
     model.load_state_dict(state["model"])
     return backbone_state_dict(model)
 

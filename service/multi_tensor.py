@@ -18,10 +18,16 @@ def add(tensors: list[torch.Tensor], others: list[torch.Tensor], alpha: float) -
 
 
 def mul_(tensors: list[torch.Tensor], scalars: torch.Tensor | float) -> None:
-    """t *= s in place, with one scalar for all or one 0-d tensor per tensor."""
-    torch._foreach_mul_(tensors, list(scalars.unbind()) if isinstance(scalars, torch.Tensor) else scalars)
+    """t *= s in place, with one scalar for all (a number or a 0-d tensor) or a 1-d tensor of one per tensor."""
+    per_tensor = isinstance(scalars, torch.Tensor) and scalars.ndim == 1
+    torch._foreach_mul_(tensors, list(scalars.unbind()) if per_tensor else scalars)
 
 
 def add_(tensors: list[torch.Tensor], others: list[torch.Tensor], alpha: float = 1.0) -> None:
     """t += alpha * o in place."""
     torch._foreach_add_(tensors, others, alpha=alpha)
+
+
+def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A 0-d bool tensor on the tensors' device: no NaN or infinity in any of them (read without a host sync)."""
+    return torch.isfinite(norms(tensors).sum())

@@ -49,14 +49,16 @@ class LARS(torch.optim.Optimizer):
         return p.ndim == 1
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, *, apply: torch.Tensor | None = None):
+        """One update. `apply`, a 0-d bool tensor on the device, makes it conditional without a host sync: where
+        it is False (a non-finite step) every parameter and momentum buffer keeps its value."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
             if self.foreach:
-                self._multi_tensor_step(group)
+                self._multi_tensor_step(group, apply)
                 continue
             for p in group["params"]:
                 if p.grad is None:
@@ -79,11 +81,15 @@ class LARS(torch.optim.Optimizer):
                 if "mu" not in state:
                     state["mu"] = torch.zeros_like(p)
                 mu = state["mu"]
-                mu.mul_(group["momentum"]).add_(dp)
-                p.add_(mu, alpha=-group["lr"])
+                if apply is None:
+                    mu.mul_(group["momentum"]).add_(dp)
+                    p.add_(mu, alpha=-group["lr"])
+                else:  # the same arithmetic on the applied path, nothing added on the other
+                    mu.mul_(torch.where(apply, group["momentum"], 1.0)).add_(torch.where(apply, dp, 0.0))
+                    p.add_(torch.where(apply, mu, 0.0), alpha=-group["lr"])
         return loss
 
-    def _multi_tensor_step(self, group: dict) -> None:
+    def _multi_tensor_step(self, group: dict, apply: torch.Tensor | None = None) -> None:
         """The same update as the per-parameter loop, over all of a group's tensors at once (no host sync)."""
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
@@ -110,9 +116,16 @@ class LARS(torch.optim.Optimizer):
             if "mu" not in state:
                 state["mu"] = torch.zeros_like(p)
             mus.append(state["mu"])
-        multi_tensor.mul_(mus, group["momentum"])
-        multi_tensor.add_(mus, updates)
-        multi_tensor.add_(params, mus, alpha=-group["lr"])
+        if apply is None:
+            multi_tensor.mul_(mus, group["momentum"])
+            multi_tensor.add_(mus, updates)
+            multi_tensor.add_(params, mus, alpha=-group["lr"])
+            return
+        # Bit for bit the update above where `apply` holds; where it does not, mu * 1 + 0 and p - lr * 0.
+        multi_tensor.mul_(mus, torch.where(apply, group["momentum"], 1.0))
+        multi_tensor.add_(mus, [torch.where(apply, update, 0.0) for update in updates])
+        del updates
+        multi_tensor.add_(params, [torch.where(apply, mu, 0.0) for mu in mus], alpha=-group["lr"])
 
 
 def parameter_groups(model: nn.Module) -> list[dict]:

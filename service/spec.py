@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from service.redaction import has_url_userinfo, is_credential_key, redact_value
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -36,7 +42,9 @@ class AutoCount:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No inf or nan in any number (tuples and optional fields included); pydantic's own messages never print
+    # inputs (describe_errors prints them, redacted).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, hide_input_in_errors=True)
 
 
 class DataSpec(_Section):
@@ -227,6 +235,38 @@ class StorageSpec(_Section):
         default_factory=dict, description="Extra fsspec options for the output's filesystem (e.g. for gs://)."
     )
 
+    @field_validator("endpoint_url")
+    @classmethod
+    def _no_userinfo(cls, value: str | None) -> str | None:
+        if value and has_url_userinfo(value):
+            raise PydanticCustomError("credential", f"holds user info (user:password@): {CREDENTIALS_ADVICE}")
+        return value
+
+    @field_validator("options")
+    @classmethod
+    def _no_credentials(cls, value: dict[str, Any]) -> dict[str, Any]:
+        def find(node: Any, path: str) -> str | None:
+            items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+            for key, item in items:
+                if isinstance(node, dict) and is_credential_key(key):
+                    return f"{path}{key}"
+                found = find(item, f"{path}{key}.")
+                if found:
+                    return found
+            return None
+
+        where = find(value, "")
+        if where:  # ctx's `subpath` completes the field's dotted path in describe_errors
+            raise PydanticCustomError("credential", f"is a credential: {CREDENTIALS_ADVICE}", {"subpath": where})
+        return value
+
+
+CREDENTIALS_ADVICE = (
+    "credentials never go in the spec (it is printed, and recorded in spec.yaml and every checkpoint); remove it and "
+    "use environment variables (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY), AWS_PROFILE or storage.profile, web "
+    "identity (IRSA), or a Kubernetes Secret mounted as environment (barlow submit --s3-secret)"
+)
+
 
 class CheckpointSpec(_Section):
     every_steps: int | None = Field(
@@ -241,6 +281,18 @@ class CheckpointSpec(_Section):
         "auto", description="`auto`: continue from the newest valid checkpoint under `run.output`, or start fresh; "
         "`none`: start fresh (refused where `run.output` already holds checkpoints); a checkpoint URL "
         "(…/checkpoints/step-000000123): continue from that one, e.g. into a new `run.output`."
+    )
+    allow_changes: list[str] = Field(
+        default_factory=list, description="Fields (dotted, e.g. `optim.epochs`) or sections (`optim`) the resumed "
+        "run may change although they change the optimisation. Resuming compares the spec with the checkpoint's and "
+        "refuses any other such change (model, loss, optim, augment, data, seed, precision, gradient compression), "
+        "listing them; logging, checkpoint cadence, storage and the monitor may always change. Allowed changes are "
+        "recorded in every later manifest and in stats.txt.",
+    )
+    lease_timeout: float = Field(
+        300.0, gt=0, description="Seconds without a heartbeat after which another run may take over this "
+        "`run.output`'s lease (`lease.json`, refreshed by the running job's rank 0 every quarter of this). A live "
+        "run's output is refused to any other run; `barlow train --force` takes it over at once.",
     )
 
 
@@ -398,7 +450,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(child, dict):
                 raise SpecError(f"override {override!r}: {part!r} is not a section")
             node = child
-        node[leaf] = yaml.safe_load(raw)
+        node[leaf] = safe_yaml(raw, f"override {key}")
     return result
 
 
@@ -408,12 +460,7 @@ def load_spec(path: str | Path | None, overrides: list[str] = (), world_size: in
     kind = kind or TrainSpec
     data: dict[str, Any] = {}
     if path is not None:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise SpecError(f"spec file {path} does not exist") from None
-        except yaml.YAMLError as error:
-            raise SpecError(f"spec file {path} is not valid YAML: {error}") from None
+        data = _read_spec_file(path) or {}
         if not isinstance(data, dict):
             raise SpecError(f"spec file {path} must hold a mapping of sections (data, model, optim, ...)")
     data = apply_overrides(data, list(overrides))
@@ -423,11 +470,67 @@ def load_spec(path: str | Path | None, overrides: list[str] = (), world_size: in
         raise SpecError(describe_errors(error, source=str(path or "the spec"), root=kind)) from None
 
 
+MAX_SPEC_BYTES = 1 << 20  # specs are a few KB
+MAX_SPEC_VALUES = 100_000  # and a few hundred values
+
+
+def _read_spec_file(path: str | Path) -> Any:
+    """A spec file's YAML: a regular file (a folder, FIFO or device is refused, never opened) of at most
+    MAX_SPEC_BYTES."""
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            what = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+            raise SpecError(f"spec file {path} is {what}: give a YAML file, e.g. specs/digits.yaml")
+        # non-blocking: should the path have become a FIFO since, reading it cannot hang
+        with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as file:
+            text = file.read(MAX_SPEC_BYTES + 1)
+    except FileNotFoundError:
+        raise SpecError(f"spec file {path} does not exist") from None
+    except OSError as error:
+        raise SpecError(f"spec file {path} cannot be read: {error.strerror or error}") from None
+    if len(text) > MAX_SPEC_BYTES:
+        raise SpecError(f"spec file {path} is larger than {MAX_SPEC_BYTES // 2**20} MiB: a spec is a few KB")
+    return safe_yaml(text, f"spec file {path}")
+
+
+def safe_yaml(text: str | bytes, source: str) -> Any:
+    """YAML read with PyYAML's SafeLoader, refused (SpecError) when invalid or when its aliases expand it to more
+    than MAX_SPEC_VALUES values (a "billion laughs" of under 1 KB): the node graph is composed, counted with every
+    alias expanded (memoised per node, so in linear time), and only then constructed. Errors quote no input."""
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        sizes: dict[int, float] = {}
+
+        def expanded(node: yaml.Node) -> float:
+            if id(node) not in sizes:
+                sizes[id(node)] = math.inf  # a node inside itself expands without end
+                children = (node.value if isinstance(node, yaml.SequenceNode) else [part for pair in node.value for
+                            part in pair] if isinstance(node, yaml.MappingNode) else [])
+                sizes[id(node)] = 1 + sum(expanded(child) for child in children)
+            return sizes[id(node)]
+
+        if root is not None and expanded(root) > MAX_SPEC_VALUES:
+            raise SpecError(f"{source} expands to more than {MAX_SPEC_VALUES} values (YAML aliases?)")
+        return None if root is None else loader.construct_document(root)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise SpecError(f"{source} is not valid YAML: {error.problem or error.context}{where}") from None
+    except yaml.YAMLError as error:
+        raise SpecError(f"{source} is not valid YAML: {error}") from None
+    except RecursionError:
+        raise SpecError(f"{source} nests too deeply to be a spec") from None
+    finally:
+        loader.dispose()
+
+
 def spec_kind(path: str | Path) -> type[TrainSpec] | type[EvaluateSpec]:
     """EvaluateSpec for a YAML file with an `eval` or `backbone` section, TrainSpec otherwise."""
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError):
+        data = _read_spec_file(path) or {}
+    except SpecError:
         return TrainSpec  # load_spec reports the problem
     return EvaluateSpec if isinstance(data, dict) and ({"eval", "backbone"} & set(data)) else TrainSpec
 
@@ -436,12 +539,13 @@ def describe_errors(error: ValidationError, source: str, root: type[BaseModel] |
     """One line per problem, named by its dotted field path, with a suggestion for misspelt fields."""
     lines = [f"{source}: {error.error_count()} problem(s)"]
     for problem in error.errors():
-        where = ".".join(str(part) for part in problem["loc"]) or "spec"
+        subpath = problem.get("ctx", {}).get("subpath")  # where a credential lies inside storage.options
+        where = ".".join(str(part) for part in problem["loc"]) + (f".{subpath}" if subpath else "") or "spec"
         message = problem["msg"].removeprefix("Value error, ")
         if problem["type"] == "extra_forbidden":
             message = "unknown field" + _did_you_mean(problem["loc"], root or TrainSpec)
-        elif "input" in problem and problem["type"] not in ("missing", "value_error"):
-            message += f" (got {problem['input']!r})"
+        elif "input" in problem and problem["type"] not in ("missing", "value_error", "credential"):
+            message += f" (got {redact_value(problem['input'])!r})"  # never a credential's value
         lines.append(f"  {where}: {message}")
     return "\n".join(lines)
 

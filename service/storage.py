@@ -79,6 +79,33 @@ def explain(url: str, error: BaseException) -> str:
     return f"{url}: {cause}"
 
 
+def storage_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions a storage call raises for a missing bucket, bad credentials or an unreachable endpoint:
+    OSError (fsspec's translations: FileNotFoundError, PermissionError, ConnectionError...) and botocore's own."""
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:  # no S3 support installed
+        return (OSError,)
+    return (OSError, BotoCoreError, ClientError)
+
+
+def require_exists(url: str, spec: StorageSpec) -> None:
+    """Raise StorageError naming `url` when nothing is stored there: its bucket is missing, or no object or folder
+    is under it. Other failures (credentials, network) propagate, for explain()."""
+    fs, path = filesystem(url, spec)
+    try:
+        fs.info(path)
+        return
+    except FileNotFoundError:
+        pass
+    if is_remote(url) and path.strip("/"):
+        try:
+            fs.info(path.strip("/").split("/", 1)[0])  # the bucket
+        except FileNotFoundError as error:
+            raise StorageError(explain(url, error)) from None
+    raise StorageError(f"{url}: nothing is stored under this URL: check it (a run's run.output)")
+
+
 def check_writable(url: str, spec: StorageSpec) -> None:
     """Fail fast, before any training, when the run's location cannot be written (one quick attempt)."""
     fs, path = filesystem(url, spec.model_copy(update={"retries": 0}))

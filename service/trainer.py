@@ -22,7 +22,7 @@ from service.color import DeviceColor
 from service.data import LoaderSettings, Transformed, labelled_images, shard, two_view_loader
 from service.export import export_backbone, exported_weights_url
 from service.loss import barlow_twins_loss
-from service.metrics import TrainingStats
+from service.metrics import NonFiniteGuard, NonFiniteLoss, TrainingStats
 from service.model import BarlowTwins
 from service.optim import LearningRateSchedule, build_lars
 from service.preemption import Preemption
@@ -41,6 +41,7 @@ class TrainResult:
     last_loss: float | None
     preempted: bool
     failed_checkpoints: list[int]
+    last_checkpoint_committed: bool
 
 
 @dataclass(frozen=True)
@@ -91,10 +92,12 @@ def place_model(model: nn.Module, worker: distributed.Worker, channels_last: boo
 
 
 def training_step(model, optimizer, scaler, precision: Precision, loss_spec: LossSpec,
-                  y1: torch.Tensor, y2: torch.Tensor, global_batch: int | None = None) -> torch.Tensor:
+                  y1: torch.Tensor, y2: torch.Tensor, global_batch: int | None = None,
+                  guard: NonFiniteGuard | None = None) -> torch.Tensor:
     """One optimisation step on this worker's share of the global batch; returns the (global) loss.
 
-    `global_batch`, when known, spares the loss exchanging row counts and waiting for the device.
+    `global_batch`, when known, spares the loss exchanging row counts and waiting for the device. With a `guard`,
+    a step whose loss or gradients are not finite is not applied (decided on the device).
     """
     optimizer.zero_grad(set_to_none=True)
     with precision.autocast():
@@ -103,7 +106,10 @@ def training_step(model, optimizer, scaler, precision: Precision, loss_spec: Los
                              global_batch=global_batch) * loss_spec.scale_loss
     # The logged loss is the reference's; only the gradient is divided, as the reference's was, when asked.
     scaler.scale(loss / (loss_spec.reference_world_size or 1)).backward()
-    scaler.step(optimizer)
+    if guard is None:
+        scaler.step(optimizer)
+    else:
+        scaler.step(optimizer, apply=guard.finite(loss.detach(), optimizer, scaled=scaler.is_enabled()))
     scaler.update()
     return loss.detach()
 
@@ -140,15 +146,16 @@ class KnnMonitor:
         return accuracy
 
 
-def train(spec: TrainSpec, command: str) -> TrainResult:
+def train(spec: TrainSpec, command: str, force: bool = False) -> TrainResult:
+    """Pretrain as the spec says. `force` takes run.output's lease from a run that still holds it."""
     worker = distributed.start(spec.run.device)
     try:
-        return _train(spec, command, worker)
+        return _train(spec, command, worker, force)
     finally:
         distributed.stop()
 
 
-def _train(spec: TrainSpec, command: str, worker: distributed.Worker) -> TrainResult:
+def _train(spec: TrainSpec, command: str, worker: distributed.Worker, force: bool) -> TrainResult:
     torch.manual_seed(spec.run.seed)
     images = labelled_images(spec.data, train=True)
     color_on_device = spec.augment.color_on == "device" or (
@@ -189,10 +196,25 @@ def _train(spec: TrainSpec, command: str, worker: distributed.Worker) -> TrainRe
     checkpointer = CheckpointManager(
         run_url=spec.run.output, spec=spec.checkpoint, storage=spec.storage, worker=worker, model=model,
         optimizer=optimizer, scaler=scaler, steps_per_epoch=steps_per_epoch, resolved_spec=spec.model_dump(mode="json"),
+        force=force,
     )
     step = checkpointer.restore()
     stats = TrainingStats(spec.run.output, spec.storage, command, total_steps=total_steps, enabled=worker.is_main)
     stats.advance(step)
+    if checkpointer.resumed_changes:
+        stats.record(epoch=step // steps_per_epoch, step=step, resumed_with_changes=checkpointer.resumed_changes)
+    guard = NonFiniteGuard(worker.device, first_step=step)
+
+    def stop_if_diverged() -> None:
+        bad = guard.first_bad_step()
+        if bad is not None:
+            raise NonFiniteLoss(
+                f"the loss or the gradients became non-finite at step {bad} (epoch {bad // steps_per_epoch}), and "
+                f"that step was not applied; nothing non-finite was saved. Newest finite checkpoint: "
+                f"{checkpointer.newest_committed_url() or 'none'}. Lower optim.lr_weights / optim.lr_biases (or use "
+                "run.precision=bf16 or fp32) and resume from it, naming what you change in checkpoint.allow_changes "
+                "(e.g. --set optim.lr_weights=0.1 --set 'checkpoint.allow_changes=[optim.lr_weights]')"
+            )
     preemption = Preemption()
     monitor = KnnMonitor(spec, worker, loading.workers)
     log.info("training %s on %d worker(s), %s, %d steps per epoch, global batch %d; %d loading process(es), "
@@ -214,17 +236,21 @@ def _train(spec: TrainSpec, command: str, worker: distributed.Worker) -> TrainRe
                     y1 = y1.contiguous(memory_format=torch.channels_last)
                     y2 = y2.contiguous(memory_format=torch.channels_last)
                 lr_weights, lr_biases = schedule.apply(optimizer, step)
-                loss = training_step(trained, optimizer, scaler, precision, spec.loss, y1, y2, spec.optim.batch_size)
+                loss = training_step(trained, optimizer, scaler, precision, spec.loss, y1, y2, spec.optim.batch_size,
+                                     guard)
                 if step % spec.run.log_every == 0:
+                    stop_if_diverged()
                     last_loss = loss.item()
                     stats.log(epoch=epoch, step=step, lr_weights=lr_weights, lr_biases=lr_biases, loss=last_loss)
                 stats.advance()
                 step += 1
                 if preemption.agreed():
+                    stop_if_diverged()
                     checkpointer.save(step, wait=True)
                     preempted = True
                     break
                 if checkpointer.due(step):
+                    stop_if_diverged()
                     checkpointer.save(step)
                     stats.sync()
             if preempted:
@@ -232,14 +258,17 @@ def _train(spec: TrainSpec, command: str, worker: distributed.Worker) -> TrainRe
             if monitor.due(epoch):
                 monitor.run(model.backbone, epoch, step, stats)
         if not preempted and checkpointer.last_saved_step != step:
+            stop_if_diverged()
             checkpointer.save(step, wait=True)
     finally:
         preemption.close()
         checkpointer.close()
         stats.close()
 
-    if worker.is_main and not preempted:
+    last_committed = checkpointer.last_save_committed
+    if worker.is_main and not preempted and last_committed:  # never export weights no checkpoint holds
         export_backbone(model, spec)
     distributed.barrier()
     return TrainResult(output=spec.run.output, weights=exported_weights_url(spec), steps=step, last_loss=last_loss,
-                       preempted=preempted, failed_checkpoints=checkpointer.failed)
+                       preempted=preempted, failed_checkpoints=checkpointer.failed,
+                       last_checkpoint_committed=last_committed)

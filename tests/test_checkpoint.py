@@ -1,6 +1,9 @@
 """The checkpoint manager against real storage: a moto S3 server, local folders and fsspec's memory store."""
 
+import json
 import logging
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -11,7 +14,8 @@ import fsspec
 import pytest
 import torch
 
-from service.checkpoint import CheckpointError, CheckpointManager, inspect_checkpoint, list_checkpoints
+from service.checkpoint import (CheckpointError, CheckpointManager, inspect_checkpoint, list_checkpoints,
+                                verify_checkpoint)
 from service.cli import main
 from service.distributed import Worker
 from service.model import BarlowTwins
@@ -155,7 +159,7 @@ def test_resume_url_of_another_model_is_refused(tmp_path):
     Training(run).manager.save(4, wait=True)
     other = Training(str(tmp_path / "other"), model=ModelSpec(backbone="resnet18", stem="cifar", projector="64-16"),
                      resume=f"{run}/checkpoints/step-000000004")
-    with pytest.raises(CheckpointError, match="different model"):
+    with pytest.raises(CheckpointError, match=r"another recipe: model.projector: .32-16. -> .64-16."):
         other.manager.restore()
 
 
@@ -281,3 +285,145 @@ def test_export_from_s3_checkpoint_loads_into_torchvision(s3_bucket, s3_server, 
     missing, unexpected = resnet.load_state_dict(torch.load(out, weights_only=True), strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
     assert torch.equal(resnet.conv1.weight, training.model.backbone.conv1.weight)
+
+
+def test_restore_checks_every_object_and_falls_back_past_a_corrupt_checkpoint(run_url, request, caplog):
+    storage = storage_for(run_url, request)
+    first = Training(run_url, storage)
+    first.step(0)
+    first.manager.save(4, wait=True)
+    at_four = {key: value.clone() for key, value in first.state().items()}
+    first.step(1)
+    first.manager.save(8, wait=True)
+    first.manager.close()
+    fs, path = filesystem(f"{run_url}/checkpoints/step-000000008/__0_0.distcp", storage)
+    data = bytearray(fs.cat_file(path))
+    data[len(data) // 2] ^= 0x01  # one bit, same size: the listing cannot tell
+    fs.pipe_file(path, bytes(data))
+    assert inspect_checkpoint(f"{run_url}/checkpoints/step-000000008", storage).valid
+
+    resumed = Training(run_url, storage, seed=1)
+    with caplog.at_level(logging.ERROR, logger="barlow"):
+        assert resumed.manager.restore() == 4
+    assert "step-000000008 is corrupt" in caplog.text and "__0_0.distcp has CRC32" in caplog.text
+    assert_same_state(resumed.state(), at_four)
+    assert [c.step for c in list_checkpoints(run_url, storage)] == [4]  # this run saves step 8 again
+    resumed.manager.close()
+
+
+def test_a_failed_verification_leaves_the_model_untouched(tmp_path):
+    run = str(tmp_path / "run")
+    Training(run).manager.save(4, wait=True)
+    (tmp_path / "run/checkpoints/step-000000004/.metadata").write_bytes(
+        bytes(b ^ 0xFF for b in (tmp_path / "run/checkpoints/step-000000004/.metadata").read_bytes()))
+    fresh = Training(run, seed=3)
+    before = {key: value.clone() for key, value in fresh.model.state_dict().items()}
+    with pytest.raises(CheckpointError, match="no checkpoint under .* verifies"):
+        fresh.manager.restore()
+    assert_same_state(fresh.model.state_dict(), before)
+    assert (tmp_path / "run/checkpoints/step-000000004").exists()  # nothing deleted
+
+
+def test_verify_checkpoint_names_the_corrupt_object(tmp_path):
+    run = str(tmp_path / "run")
+    Training(run).manager.save(4, wait=True)
+    url = f"{run}/checkpoints/step-000000004"
+    assert verify_checkpoint(url, StorageSpec()).valid
+    metadata = tmp_path / "run/checkpoints/step-000000004/.metadata"
+    metadata.write_bytes(metadata.read_bytes()[:-1] + b"\x00")
+    problem = verify_checkpoint(url, StorageSpec()).problem
+    assert problem.startswith("object .metadata has CRC32") and "the manifest says" in problem
+
+
+def test_names_that_are_not_checkpoints_are_left_alone(tmp_path):
+    run = str(tmp_path / "run")
+    training = Training(run)
+    training.manager.save(4, wait=True)
+    training.manager.close()
+    shutil.copytree(tmp_path / "run/checkpoints/step-000000004", tmp_path / "run/checkpoints/step-000000008.bak")
+    assert [c.step for c in list_checkpoints(run, StorageSpec())] == [4]
+    assert Training(run).manager.restore() == 4
+    assert (tmp_path / "run/checkpoints/step-000000008.bak").exists()
+    bad = Training(str(tmp_path / "other"), resume=f"{run}/checkpoints/step-000000008.bak")
+    with pytest.raises(CheckpointError, match="not a checkpoint: its name is not step-NNNNNNNNN"):
+        bad.manager.restore()
+
+
+def test_non_finite_state_is_never_written(tmp_path, caplog):
+    run = str(tmp_path / "run")
+    training = Training(run)
+    training.manager.save(4, wait=True)
+    with torch.no_grad():
+        next(training.model.parameters())[0].fill_(float("inf"))
+    with caplog.at_level(logging.ERROR, logger="barlow"):
+        training.manager.save(8, wait=True)
+    assert training.manager.failed == [8] and "holds NaN or infinity" in caplog.text
+    assert [c.step for c in list_checkpoints(run, StorageSpec())] == [4]
+    assert not training.manager.last_save_committed
+    assert training.manager.newest_committed_url().endswith("step-000000004")
+
+
+def test_manifest_carries_the_run_id_and_a_resume_keeps_it(tmp_path):
+    run = str(tmp_path / "run")
+    first = Training(run)
+    assert first.manager.restore() == 0
+    first.manager.save(4, wait=True)
+    first.manager.close()
+    (checkpoint,) = list_checkpoints(run, StorageSpec())
+    assert checkpoint.run_id and checkpoint.manifest["job_id"]
+    second = Training(run)
+    assert second.manager.restore() == 4
+    second.manager.save(8, wait=True)
+    second.manager.close()
+    assert {c.run_id for c in list_checkpoints(run, StorageSpec())} == {checkpoint.run_id}
+
+
+def test_auto_resume_refuses_a_checkpoint_of_another_run_than_the_leases(tmp_path):
+    run = str(tmp_path / "run")
+    first = Training(run)
+    first.manager.restore()
+    first.manager.save(4, wait=True)
+    first.manager.close()
+    stale = dict(run_id="someone-else", job_id="dead-job", host="elsewhere", pid=1,
+                 started="2026-01-01T00:00:00Z", heartbeat=time.time() - 3600)
+    (tmp_path / "run/lease.json").write_text(json.dumps(stale))  # a crashed run of another lineage held it
+    taker = Training(run)
+    with pytest.raises(CheckpointError, match="was written by run .* belongs to run someone-else"):
+        taker.manager.restore()
+    taker.manager.close()
+    told = Training(str(tmp_path / "branch"), resume=f"{run}/checkpoints/step-000000004")
+    assert told.manager.restore() == 4  # named on purpose: a new run branching off it
+    assert told.manager.parent == {"run_id": list_checkpoints(run, StorageSpec())[0].run_id,
+                                   "checkpoint": f"{run}/checkpoints/step-000000004"}
+
+
+@pytest.mark.parametrize("change, allowed, refused", [
+    ({"optim": {"epochs": 20}}, [], "optim.epochs"),
+    ({"loss": {"lambd": 0.01}}, [], "loss.lambd"),
+    ({"run": {"seed": 1}}, [], "run.seed"),
+    ({"augment": {"blur": [0.5, 0.5]}}, [], "augment.blur"),
+    ({"optim": {"epochs": 20, "lr_weights": 0.1}}, ["optim.epochs"], "optim.lr_weights"),
+    ({"optim": {"epochs": 20, "lr_weights": 0.1}}, ["optim"], None),
+    ({"run": {"log_every": 7}, "checkpoint": {"every_steps": 3}, "monitor": {"knn_every_epochs": 2}}, [], None),
+])
+def test_resume_compares_recipes(tmp_path, change, allowed, refused):
+    run = str(tmp_path / "run")
+    first = Training(run)
+    first.manager.save(4, wait=True)
+    first.manager.close()
+    second = Training(run, allow_changes=allowed)
+    spec = second.manager.resolved_spec
+    for section, fields in change.items():
+        spec[section] = {**spec[section], **fields}
+    if refused:
+        with pytest.raises(CheckpointError, match=f"another recipe: {re.escape(refused)}"):
+            second.manager.restore()
+    else:
+        assert second.manager.restore() == 4
+
+
+def test_allow_changes_must_name_fields_of_the_spec(tmp_path):
+    run = str(tmp_path / "run")
+    Training(run).manager.save(4, wait=True)
+    with pytest.raises(CheckpointError, match="names optim.epoch: not a field"):
+        Training(run, allow_changes=["optim.epoch"]).manager.restore()

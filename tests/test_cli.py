@@ -94,11 +94,16 @@ def test_rerun_resumes_from_the_last_epoch_checkpoint(tmp_path):
     common = ("--set", f"run.output={output}", "--set", "run.log_every=1")
     assert barlow("train", DIGITS, *common, "--set", "optim.epochs=1").returncode == 0
     first_backbone = torch.load(output / "resnet18.pth", weights_only=True)
-    result = barlow("train", DIGITS, *common, "--set", "optim.epochs=2")
+    refused = barlow("train", DIGITS, *common, "--set", "optim.epochs=2")  # a changed recipe, not named
+    assert refused.returncode == 2 and "optim.epochs: 1 -> 2" in refused.stderr, refused.stderr[-3000:]
+    result = barlow("train", DIGITS, *common, "--set", "optim.epochs=2",
+                    "--set", "checkpoint.allow_changes=[optim.epochs]")
     assert result.returncode == 0, result.stderr[-3000:]
     text = (output / "stats.txt").read_text().splitlines()
     second_start = [i for i, line in enumerate(text) if line.startswith("barlow ")][1]
     resumed = [json.loads(line) for line in text[second_start + 1:]]
+    assert resumed[0] == {"epoch": 1, "step": 8, "resumed_with_changes": {"optim.epochs": [1, 2]},
+                          "time": resumed[0]["time"]}
     training = [line for line in resumed if "loss" in line]
     assert [line["step"] for line in training] == list(range(8, 16)) and {l["epoch"] for l in training} == {1}
     assert [(line["epoch"], line["step"]) for line in resumed if "knn_top1" in line] == [(1, 16)]

@@ -123,6 +123,6 @@ def test_sigterm_checkpoints_stops_and_resumes_exactly(uninterrupted, s3_bucket,
     assert stopped_at in [c.step for c in list_checkpoints(run, storage) if c.valid]
 
     resumed = finish(start(run, s3_server.endpoint_url))
-    assert f"step {stopped_at}" in resumed
+    assert int(resumed.split("resumed from ")[1].split(": step ")[1].split()[0]) == stopped_at
     fs, path = filesystem(run, storage)
     assert_same_run(read_outputs(fs, path), uninterrupted)
