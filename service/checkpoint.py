@@ -37,7 +37,7 @@ from service.dcp_io import CorruptCheckpoint
 from service.distributed import Worker, new_cpu_group
 from service.lease import Lease, LeaseHeld, current_job_id
 from service.spec import CheckpointSpec, StorageSpec
-from service.storage import check_writable, explain, filesystem, fsspec_options, retry
+from service.storage import StorageError, check_writable, explain, filesystem, fsspec_options, retry
 
 log = logging.getLogger("barlow")
 
@@ -220,7 +220,7 @@ class CheckpointManager:
                 lease = Lease.acquire(self.run_url, self.storage, job_id=current_job_id(),
                                       timeout_s=self.spec.lease_timeout, force=force)
                 lease.start_heartbeat(self.spec.lease_timeout / 4)
-            except LeaseHeld as error:
+            except (LeaseHeld, StorageError) as error:  # told to every rank: none may wait in a collective
                 refusal = str(error)
         if self.group is not None:
             message = [refusal]

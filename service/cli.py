@@ -3,7 +3,7 @@
     barlow train SPEC [--set section.field=value ...]     one process, or one worker per process under torchrun
     barlow validate SPEC [--set ...] [--world-size N]    check a spec and print it resolved
     barlow schema [-o FILE]                              the spec's JSON Schema, for editors
-    barlow checkpoints ls RUN_URL                        a run's checkpoints, valid and incomplete
+    barlow checkpoints ls RUN_URL [--verify]             a run's checkpoints, valid, incomplete or corrupt
     barlow export CHECKPOINT_URL OUT                     a checkpoint's backbone as a torchvision state_dict
     barlow submit SPEC --scheduler local_cwd|kubernetes  launch through TorchX (and status / logs / cancel)
     barlow evaluate SPEC [--set ...]                     linear probe, finetune or kNN of a backbone (evaluation spec)
@@ -22,7 +22,7 @@ import sys
 import yaml
 
 from service import distributed
-from service.checkpoint import CheckpointError, list_checkpoints
+from service.checkpoint import CheckpointError, list_checkpoints, verify_checkpoint
 from service.data import DataError
 from service.metrics import NonFiniteLoss
 from service.redaction import redact_arguments
@@ -69,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     listing = with_storage(checkpoints.add_subparsers(dest="action", required=True).add_parser(
         "ls", help="List a run's checkpoints, valid and incomplete.", description="List a run's checkpoints."))
     listing.add_argument("run", help="the run's location (run.output), e.g. s3://bucket/runs/imagenet")
+    listing.add_argument("--verify", action="store_true",
+                         help="read every object and check its size and CRC32 against the manifest (exit 1 if any "
+                         "checkpoint fails); without it, sizes only")
     export = with_storage(commands.add_parser(
         "export", help="Write a checkpoint's backbone as a torchvision state_dict (no fc).",
         description="Write a checkpoint's backbone as a torchvision state_dict (no fc)."))
@@ -185,22 +188,29 @@ def _storage(args: argparse.Namespace) -> StorageSpec:
     return StorageSpec(endpoint_url=args.endpoint_url, region=args.region, profile=args.profile)
 
 
-def _print_checkpoints(run: str, storage: StorageSpec) -> None:
+def _print_checkpoints(run: str, storage: StorageSpec, verify: bool) -> int:
+    """The run's checkpoints, one row each; with `verify`, every byte checked. 1 when a checkpoint fails it."""
     rows = [("STEP", "EPOCH", "BATCH", "SIZE", "CREATED", "STATUS")]
+    corrupt = False
     for checkpoint in list_checkpoints(run, storage):
+        if verify and checkpoint.valid:
+            checkpoint = verify_checkpoint(checkpoint.url, storage)
+            corrupt |= not checkpoint.valid
         manifest = checkpoint.manifest or {}
+        status = ("verified" if verify else "valid") if checkpoint.valid else (
+            f"{'CORRUPT' if checkpoint.manifest else 'INVALID'}: {checkpoint.problem}")
         rows.append((
             str(checkpoint.step), str(manifest.get("epoch", "-")), str(manifest.get("batch_in_epoch", "-")),
-            f"{checkpoint.size / 2**20:.1f} MiB" if checkpoint.manifest else "-", manifest.get("created", "-"),
-            "valid" if checkpoint.valid else f"INVALID: {checkpoint.problem}",
+            f"{checkpoint.size / 2**20:.1f} MiB" if checkpoint.manifest else "-", manifest.get("created", "-"), status,
         ))
     if len(rows) == 1:
         require_exists(run, storage)  # a missing bucket, or no such run, is an error, not an empty listing
         print(f"no checkpoints under {run}")
-        return
+        return 0
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    return 1 if corrupt else 0
 
 
 def _evaluate(args: argparse.Namespace, argv: list[str] | None) -> int:
@@ -243,8 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("status", "logs", "cancel"):
             return _manage(args)
         if args.command == "checkpoints":
-            _print_checkpoints(args.run, _storage(args))
-            return 0
+            return _print_checkpoints(args.run, _storage(args), args.verify)
         if args.command == "export":
             backbone = export_checkpoint(args.checkpoint, args.out, _storage(args))
             print(f"wrote {args.out}: {len(backbone)} tensors of the backbone, torchvision key names, no fc")

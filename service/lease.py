@@ -234,7 +234,7 @@ class Lease:
                 self._store.delete(self._version)
             except _Conflict:
                 log.warning("%s: the lease is no longer ours; left in place", self.run_url)
-            except OSError as error:
+            except Exception as error:  # noqa: BLE001 - releasing runs at the end of every run, even a failed one
                 log.warning("%s: could not release the lease (%s); it expires with its heartbeat",
                             self.run_url, explain(self.run_url, error))
 

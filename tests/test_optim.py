@@ -308,3 +308,35 @@ def test_multi_tensor_lars_equals_the_per_parameter_lars_over_several_steps():
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-9, msg=name)
     for a, b in zip(reference.parameters(), fused.parameters(), strict=True):
         torch.testing.assert_close(optimizers[1].state[b]["mu"], optimizers[0].state[a]["mu"], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_a_step_not_applied_leaves_parameters_and_momentum_exactly_unchanged(foreach):
+    from service.model import BarlowTwins
+    from service.optim import build_lars
+    from service.spec import ModelSpec
+
+    def train(steps: list[bool | None]) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = BarlowTwins(ModelSpec(backbone="resnet18", stem="cifar", projector="32-16"))
+        optimizer = build_lars(model, weight_decay=1.5e-6, momentum=0.9, eta=0.001)
+        optimizer.foreach = foreach
+        generator = torch.Generator().manual_seed(1)
+        for apply in steps:
+            for group, lr in zip(optimizer.param_groups, (0.2, 0.0048)):
+                group["lr"] = lr
+            optimizer.zero_grad()
+            z1, z2 = model(torch.randn(8, 3, 8, 8, generator=generator), torch.randn(8, 3, 8, 8, generator=generator))
+            (z1 - z2).pow(2).sum().backward()
+            if apply is False:  # a diverged step: its gradients are garbage
+                for p in model.parameters():
+                    p.grad.fill_(float("nan"))
+            optimizer.step(apply=None if apply is None else torch.tensor(apply))
+        params = list(model.parameters())
+        return [p.detach().clone() for p in params] + [optimizer.state[p]["mu"].clone() for p in params]
+
+    plain = train([None, None])
+    applied = train([True, True])
+    skipped = train([True, True, False])
+    for a, b, c in zip(plain, applied, skipped, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)  # bit for bit: the conditional path is the same arithmetic

@@ -65,3 +65,27 @@ def test_compiled_training_follows_eager_training(tmp_path):
     assert eager.keys() == compiled.keys() == set(range(8))
     for step, loss in eager.items():
         assert compiled[step] == pytest.approx(loss, rel=1e-3), step
+
+
+@pytest.mark.parametrize("poison", ["input", "none"])
+def test_the_guard_skips_a_non_finite_step_and_remembers_it(poison):
+    from service.metrics import NonFiniteGuard
+
+    torch.manual_seed(0)
+    model = BarlowTwins(ModelSpec(backbone="resnet18", stem="cifar", projector="32-16"))
+    optimizer = build_lars(model, weight_decay=1e-6, momentum=0.9, eta=0.001)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.1
+    precision = Precision.choose("fp32", torch.device("cpu"))
+    guard = NonFiniteGuard(torch.device("cpu"), first_step=40)
+    y1, y2 = torch.randn(8, 3, 8, 8), torch.randn(8, 3, 8, 8)
+    training_step(model, optimizer, precision.grad_scaler(), precision, LossSpec(), y1, y2, guard=guard)
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    if poison == "input":
+        y1 = y1.clone()
+        y1[0, 0, 0, 0] = float("nan")
+    loss = training_step(model, optimizer, precision.grad_scaler(), precision, LossSpec(), y1, y2, guard=guard)
+    assert guard.first_bad_step() == (41 if poison == "input" else None)
+    assert torch.isfinite(loss) == (poison == "none")
+    unchanged = all(torch.equal(p, weights[name]) for name, p in model.named_parameters())
+    assert unchanged == (poison == "input")

@@ -241,3 +241,26 @@ def test_resume_refuses_a_changed_recipe_unless_told_and_records_what_changed(re
         r for r in records if "resumed_with_changes" in r).items()
     newest = list_checkpoints(str(run), StorageSpec())[-1]
     assert newest.step == 32 and newest.manifest["changes"] == [dict(step=16, field="optim.epochs", old=1, new=2)]
+
+
+def test_a_run_whose_last_checkpoint_does_not_commit_exits_non_zero_and_exports_nothing(aws_env):
+    from tests.s3_server import S3Server
+
+    server = S3Server().start()
+    try:
+        url = server.create_bucket("outage") + "/run"
+        storage = StorageSpec(endpoint_url=server.endpoint_url)
+        run = subprocess.Popen(
+            [str(Path(sys.executable).parent / "barlow"),
+             *train_args(url, "storage.retries=0", endpoint=server.endpoint_url)],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"})
+        wait_for(lambda: any(c.valid for c in list_checkpoints(url, storage)), "its first checkpoint", run)
+        server.stop()  # the store goes away for the rest of the run
+        _, err = run.communicate(timeout=600)
+    finally:
+        server.stop()
+    assert run.returncode == 3, err[-3000:]
+    line = [line for line in err.splitlines() if line.startswith("barlow: ")]
+    assert len(line) == 1 and "the checkpoint of step 16 was not committed" in line[0] and "Traceback" not in err
+    assert "done:" not in err
