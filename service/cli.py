@@ -190,7 +190,7 @@ def _storage(args: argparse.Namespace) -> StorageSpec:
 
 def _print_checkpoints(run: str, storage: StorageSpec, verify: bool) -> int:
     """The run's checkpoints, one row each; with `verify`, every byte checked. 1 when a checkpoint fails it."""
-    rows = [("STEP", "EPOCH", "BATCH", "SIZE", "CREATED", "STATUS")]
+    rows = [("STEP", "EPOCH", "BATCH", "SIZE", "CREATED", "RUN", "STATUS")]
     corrupt = False
     for checkpoint in list_checkpoints(run, storage):
         if verify and checkpoint.valid:
@@ -201,7 +201,8 @@ def _print_checkpoints(run: str, storage: StorageSpec, verify: bool) -> int:
             f"{'CORRUPT' if checkpoint.manifest else 'INVALID'}: {checkpoint.problem}")
         rows.append((
             str(checkpoint.step), str(manifest.get("epoch", "-")), str(manifest.get("batch_in_epoch", "-")),
-            f"{checkpoint.size / 2**20:.1f} MiB" if checkpoint.manifest else "-", manifest.get("created", "-"), status,
+            f"{checkpoint.size / 2**20:.1f} MiB" if checkpoint.manifest else "-", manifest.get("created", "-"),
+            checkpoint.run_id or "-", status,
         ))
     if len(rows) == 1:
         require_exists(run, storage)  # a missing bucket, or no such run, is an error, not an empty listing

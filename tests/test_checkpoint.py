@@ -402,9 +402,13 @@ def test_auto_resume_refuses_a_checkpoint_of_another_run_than_the_leases(tmp_pat
     ({"loss": {"lambd": 0.01}}, [], "loss.lambd"),
     ({"run": {"seed": 1}}, [], "run.seed"),
     ({"augment": {"blur": [0.5, 0.5]}}, [], "augment.blur"),
+    ({"optim": {"batch_size": 64}}, [], "optim.batch_size"),  # steps per epoch unchanged here: still refused
+    ({"data": {"image_size": 32}}, [], "data.image_size"),
+    ({"run": {"precision": "bf16"}}, [], "run.precision"),
     ({"optim": {"epochs": 20, "lr_weights": 0.1}}, ["optim.epochs"], "optim.lr_weights"),
     ({"optim": {"epochs": 20, "lr_weights": 0.1}}, ["optim"], None),
     ({"run": {"log_every": 7}, "checkpoint": {"every_steps": 3}, "monitor": {"knn_every_epochs": 2}}, [], None),
+    ({"data": {"workers": 7}, "ddp": {"static_graph": False}, "storage": {"retries": 1}}, [], None),
 ])
 def test_resume_compares_recipes(tmp_path, change, allowed, refused):
     run = str(tmp_path / "run")
