@@ -471,10 +471,6 @@ class CheckpointManager:
                 f"{checkpoint.url} was written by run {checkpoint.run_id}, but {self.run_url} belongs to run "
                 f"{lineage} (its lease): resume it on purpose with checkpoint.resume={checkpoint.url}, or remove it"
             )
-        unknown = recipe.unknown_names(self.spec.allow_changes, self.resolved_spec)
-        if unknown:
-            raise CheckpointError(f"checkpoint.allow_changes names {', '.join(unknown)}: not a field or section of "
-                                  "the spec (write dotted names, e.g. optim.epochs)")
         refused = recipe.refused_changes(checkpoint.manifest["spec"], self.resolved_spec, self.spec.allow_changes)
         if refused:
             raise CheckpointError(

@@ -183,7 +183,11 @@ def _evaluate(spec: EvaluateSpec, command: str, worker: distributed.Worker, forc
         optimizer=optimizer, scaler=scaler, steps_per_epoch=steps_per_epoch, resolved_spec=spec.model_dump(mode="json"),
         force=force,
     )
-    step = checkpointer.restore()
+    try:
+        step = checkpointer.restore()
+    except BaseException:
+        checkpointer.close()  # gives the lease back now: a corrected rerun need not wait for it to go stale
+        raise
     first_epoch = -(-step // steps_per_epoch)  # evaluation checkpoints are taken at epoch ends
     for _ in range(first_epoch):
         scheduler.step()

@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from service.recipe import flatten, unknown_names
 from service.redaction import has_url_userinfo, is_credential_key, redact_value
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -308,6 +309,18 @@ class MonitorSpec(_Section):
     knn_temperature: float = Field(0.1, gt=0, description="Votes weigh exp(cosine similarity / T) (benchmarks: 0.1).")
 
 
+def _check_allowed_changes(spec: _Section) -> None:
+    """Every entry of checkpoint.allow_changes names a field or a section of `spec` (a typo would allow nothing)."""
+    values = spec.model_dump(mode="json")
+    unknown = unknown_names(spec.checkpoint.allow_changes, values)
+    if unknown:
+        names = list(flatten(values)) + list(values)
+        hints = [difflib.get_close_matches(name, names, n=1) for name in unknown]
+        raise ValueError("checkpoint.allow_changes names " + ", ".join(
+            f"{name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "") for name, hint in zip(unknown, hints))
+            + ": not a field or section of the spec; write dotted names, e.g. optim.epochs or optim")
+
+
 class TrainSpec(_Section):
     """A Barlow Twins pretraining run."""
 
@@ -321,6 +334,11 @@ class TrainSpec(_Section):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
     monitor: MonitorSpec = Field(default_factory=MonitorSpec)
+
+    @model_validator(mode="after")
+    def _allowed_changes_exist(self) -> TrainSpec:
+        _check_allowed_changes(self)
+        return self
 
     @model_validator(mode="after")
     def _data_path_when_needed(self) -> TrainSpec:
@@ -428,6 +446,11 @@ class EvaluateSpec(_Section):
     run: RunSpec = Field(default_factory=lambda: RunSpec(output="./evaluation", log_every=50))
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
+
+    @model_validator(mode="after")
+    def _allowed_changes_exist(self) -> EvaluateSpec:
+        _check_allowed_changes(self)
+        return self
 
     @model_validator(mode="after")
     def _data_path_when_needed(self) -> EvaluateSpec:

@@ -193,13 +193,18 @@ def _train(spec: TrainSpec, command: str, worker: distributed.Worker, force: boo
     precision = Precision.choose(spec.run.precision, worker.device)
     scaler = precision.grad_scaler()
 
+    monitor = KnnMonitor(spec, worker, loading.workers)
     checkpointer = CheckpointManager(
         run_url=spec.run.output, spec=spec.checkpoint, storage=spec.storage, worker=worker, model=model,
         optimizer=optimizer, scaler=scaler, steps_per_epoch=steps_per_epoch, resolved_spec=spec.model_dump(mode="json"),
         force=force,
     )
-    step = checkpointer.restore()
-    stats = TrainingStats(spec.run.output, spec.storage, command, total_steps=total_steps, enabled=worker.is_main)
+    try:
+        step = checkpointer.restore()
+        stats = TrainingStats(spec.run.output, spec.storage, command, total_steps=total_steps, enabled=worker.is_main)
+    except BaseException:
+        checkpointer.close()  # gives the lease back now: a corrected rerun need not wait for it to go stale
+        raise
     stats.advance(step)
     if checkpointer.resumed_changes:
         stats.record(epoch=step // steps_per_epoch, step=step, resumed_with_changes=checkpointer.resumed_changes)
@@ -216,7 +221,6 @@ def _train(spec: TrainSpec, command: str, worker: distributed.Worker, force: boo
                 "(e.g. --set optim.lr_weights=0.1 --set 'checkpoint.allow_changes=[optim.lr_weights]')"
             )
     preemption = Preemption()
-    monitor = KnnMonitor(spec, worker, loading.workers)
     log.info("training %s on %d worker(s), %s, %d steps per epoch, global batch %d; %d loading process(es), "
              "prefetch %s", spec.model.backbone, worker.world_size, worker.device, steps_per_epoch,
              spec.optim.batch_size, loading.workers, loading.prefetch)

@@ -89,3 +89,29 @@ def test_the_guard_skips_a_non_finite_step_and_remembers_it(poison):
     assert torch.isfinite(loss) == (poison == "none")
     unchanged = all(torch.equal(p, weights[name]) for name, p in model.named_parameters())
     assert unchanged == (poison == "input")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is a CUDA matter")
+@pytest.mark.parametrize("precision_name", ["fp32", "bf16"])
+def test_the_guarded_step_never_waits_for_the_device(precision_name):
+    from service.metrics import NonFiniteGuard
+
+    device = torch.device("cuda")
+    model = BarlowTwins(ModelSpec(backbone="resnet18", stem="cifar", projector="32-16")).to(device)
+    optimizer = build_lars(model, weight_decay=1e-6, momentum=0.9, eta=0.001)
+    precision = Precision.choose(precision_name, device)
+    scaler = precision.grad_scaler()
+    guard = NonFiniteGuard(device, first_step=0)
+    y1, y2 = torch.randn(8, 3, 8, 8, device=device), torch.randn(8, 3, 8, 8, device=device)
+    training_step(model, optimizer, scaler, precision, LossSpec(), y1, y2, 8, guard)  # LARS state created
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")  # a synchronising call raises
+    try:
+        for _ in range(2):
+            training_step(model, optimizer, scaler, precision, LossSpec(), y1, y2, 8, guard)
+        with pytest.raises(RuntimeError):  # reading the flag is the one wait, at logged steps and saves
+            guard.first_bad_step()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert guard.first_bad_step() is None

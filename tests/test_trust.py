@@ -230,6 +230,7 @@ def test_resume_refuses_a_changed_recipe_unless_told_and_records_what_changed(re
     for field in ("optim.epochs: 1 -> 2", "loss.lambd: 0.0051 -> 0.01", "run.seed: 0 -> 3", "augment.grayscale: 0.2 -> 0.5"):
         assert field in line, line
     assert (run / "stats.txt").read_text() == stats_before  # refused before anything was written
+    assert not (run / "lease.json").exists()  # and the lease given back at once, not left to go stale
 
     neutral = barlow(*train_args(str(run), "run.log_every=3", "checkpoint.every_steps=5", "data.workers=1"))
     assert neutral.returncode == 0, neutral.stderr[-3000:]  # fields that change no numbers pass
