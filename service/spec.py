@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from service.recipe import flatten, unknown_names
@@ -42,6 +42,16 @@ class AutoCount:
         return Annotated[Annotated[int, Field(ge=least)] | Literal["auto"], BeforeValidator(check)]
 
 
+def _without_userinfo(value: str) -> str:
+    if has_url_userinfo(value):  # the value is never echoed: hide_input_in_errors, and no input in the message
+        raise PydanticCustomError("credential", f"holds user info (user:password@): {CREDENTIALS_ADVICE}")
+    return value
+
+
+Location = Annotated[str, AfterValidator(_without_userinfo)]
+"""A path or URL of the spec: printed and recorded, so it may not carry credentials."""
+
+
 class _Section(BaseModel):
     # No inf or nan in any number (tuples and optional fields included); pydantic's own messages never print
     # inputs (describe_errors prints them, redacted).
@@ -55,7 +65,7 @@ class DataSpec(_Section):
         "(the reference's layout); `cifar10`: torchvision's CIFAR-10 files, never downloaded; `digits`: the "
         "8x8 handwritten digits that scikit-learn ships, upscaled (no download, the built-in demo).",
     )
-    path: str | None = Field(
+    path: Location | None = Field(
         None, description="Root of the data set: the folder holding `train/` (imagefolder) or CIFAR-10's "
         "`cifar-10-batches-py/` (cifar10). Not used by `digits`."
     )
@@ -204,7 +214,7 @@ class OptimSpec(_Section):
 
 
 class RunSpec(_Section):
-    output: str = Field(
+    output: Location = Field(
         "./checkpoint", description="Where the run lives: a folder or an fsspec URL (s3://bucket/runs/name, gs://, "
         "file://, memory://) for stats.txt, checkpoints/ and the exported backbone (reference: ./checkpoint)."
     )
@@ -226,7 +236,7 @@ class StorageSpec(_Section):
     """Where `run.output` lives when it is a URL. Credentials come from the standard AWS chain (environment
     variables, AWS_PROFILE / `profile`, web identity for IRSA), never from the spec."""
 
-    endpoint_url: str | None = Field(
+    endpoint_url: Location | None = Field(
         None, description="S3-compatible endpoint (MinIO, Ceph, R2, a test server); unset: AWS S3."
     )
     region: str | None = Field(None, description="S3 region; unset: from the AWS configuration.")
@@ -235,13 +245,6 @@ class StorageSpec(_Section):
     options: dict[str, Any] = Field(
         default_factory=dict, description="Extra fsspec options for the output's filesystem (e.g. for gs://)."
     )
-
-    @field_validator("endpoint_url")
-    @classmethod
-    def _no_userinfo(cls, value: str | None) -> str | None:
-        if value and has_url_userinfo(value):
-            raise PydanticCustomError("credential", f"holds user info (user:password@): {CREDENTIALS_ADVICE}")
-        return value
 
     @field_validator("options")
     @classmethod
@@ -278,7 +281,7 @@ class CheckpointSpec(_Section):
     keep_every_epochs: int | None = Field(
         None, ge=1, description="Also keep, forever, the end-of-epoch checkpoints of every this many epochs."
     )
-    resume: str = Field(
+    resume: Location = Field(
         "auto", description="`auto`: continue from the newest valid checkpoint under `run.output`, or start fresh; "
         "`none`: start fresh (refused where `run.output` already holds checkpoints); a checkpoint URL "
         "(…/checkpoints/step-000000123): continue from that one, e.g. into a new `run.output`."
@@ -362,7 +365,7 @@ class TrainSpec(_Section):
 class BackboneSpec(_Section):
     """The network under evaluation."""
 
-    weights: str | None = Field(
+    weights: Location | None = Field(
         None, description="An exported backbone (`resnet50.pth`-style, path or URL), a training checkpoint "
         "(…/checkpoints/step-000000123) or a training run's `run.output` (its newest valid checkpoint). Unset: the "
         "architecture randomly initialised, as a baseline."
@@ -377,14 +380,14 @@ class EvalDataSpec(_Section):
     dataset: Literal["imagefolder", "cifar10", "digits"] = Field(
         "imagefolder", description="As `data.dataset`; imagefolder reads `train/` and `val/`."
     )
-    path: str | None = Field(None, description="As `data.path`.")
+    path: Location | None = Field(None, description="As `data.path`.")
     image_size: int = Field(224, ge=8, description="Crop side; validation resizes to size*256/224, then centre-crops.")
     workers: AutoCount[0] = Field("auto", description="As `data.workers` (the reference used 8).")
     train_percent: Literal[1, 10, 100] = Field(
         100, description="Labelled share of the training split (reference: 100 for the linear probe, 1 or 10 for "
         "semi-supervised finetuning)."
     )
-    subset_list: str | None = Field(
+    subset_list: Location | None = Field(
         None, description="For train_percent 1 or 10: a file (path or URL, read once, never from the internet by "
         "default) of image file names, one per line, in SimCLR's format (`n01440764_10026.JPEG`). Unset: a "
         "deterministic class-balanced subset drawn with `subset_seed`."

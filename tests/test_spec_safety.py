@@ -300,6 +300,8 @@ def test_train_and_evaluate_record_the_command_redacted(monkeypatch, capsys):
 
     monkeypatch.setattr(service.trainer, "train", recording("train"))
     monkeypatch.setattr(service.evaluate, "evaluate", recording("evaluate"))
+    # The spec refuses these values itself; the redaction is the second line, so the spec is loaded without them.
+    monkeypatch.setattr(cli, "load_spec", lambda path, overrides, **kwargs: load_spec(path, [], **kwargs))
     assert cli.main(["train", DIGITS, "--set", f"run.output=memory://user:{SECRET}@bucket/run"]) == 2
     assert cli.main(["evaluate", DIGITS_LINEAR, "--set", f"backbone.weights=https://user:{SECRET}@host/w.pth"]) == 2
     assert recorded["train"] == f"barlow train {DIGITS} --set 'run.output=memory://***@bucket/run'"
@@ -343,3 +345,16 @@ def test_torchx_run_and_barlow_submit_refuse_a_secret_override(capsys):
     captured = capsys.readouterr()
     assert "barlow: override storage.options.client_kwargs.aws_secret_access_key=... sets a credential" in captured.err
     assert SECRET not in captured.out + captured.err
+
+
+@pytest.mark.parametrize("kind, override, field", [
+    (TrainSpec, "run.output=s3://AKIAEXAMPLE:hunter2@bucket/run", "run.output"),
+    (TrainSpec, "data.path=https://user:hunter2@data.example/imagenet", "data.path"),
+    (TrainSpec, "checkpoint.resume=s3://k:hunter2@b/r/checkpoints/step-000000004", "checkpoint.resume"),
+    (EvaluateSpec, "backbone.weights=https://u:hunter2@host/resnet50.pth", "backbone.weights"),
+    (EvaluateSpec, "data.subset_list=https://u:hunter2@host/1percent.txt", "data.subset_list"),
+])
+def test_every_location_refuses_user_info_without_echo(kind, override, field):
+    with pytest.raises(SpecError) as refused:
+        load_spec(None, ["data.dataset=digits", override], kind=kind)
+    assert f"{field}: holds user info" in str(refused.value) and "hunter2" not in str(refused.value)
