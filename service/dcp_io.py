@@ -94,11 +94,7 @@ def read_verified(fs: fsspec.AbstractFileSystem, path: str, expected: dict[str, 
     if listed is None:
         raise CorruptCheckpoint(f"object {name} is not listed in the manifest")
     data = fs.cat_file(path)
-    if len(data) != listed["size"]:
-        raise CorruptCheckpoint(f"object {name} holds {len(data)} bytes, the manifest says {listed['size']}")
-    crc32 = zlib.crc32(data)
-    if crc32 != listed["crc32"]:
-        raise CorruptCheckpoint(f"object {name} has CRC32 {crc32:08x}, the manifest says {listed['crc32']:08x}")
+    _compare(name, len(data), zlib.crc32(data), listed)
     return data
 
 
@@ -110,6 +106,10 @@ def check_object(fs: fsspec.AbstractFileSystem, path: str, listed: dict[str, int
         while block := stream.read(chunk):
             size += len(block)
             crc32 = zlib.crc32(block, crc32)
+    _compare(name, size, crc32, listed)
+
+
+def _compare(name: str, size: int, crc32: int, listed: dict[str, int]) -> None:
     if size != listed["size"]:
         raise CorruptCheckpoint(f"object {name} holds {size} bytes, the manifest says {listed['size']}")
     if crc32 != listed["crc32"]:
