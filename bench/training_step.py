@@ -7,7 +7,9 @@ BarlowTwinsLoss and LARS, with the same backbone, batch and inputs, in one run.
 Both: torchvision's ResNet-18 without fc, a 3-layer projector (the reference's layout, 1024-1024-1024 here), fp32,
 one process, both views through the backbone, loss, backward, LARS (momentum 0.9, trust 0.001, biases and
 BatchNorm exempt from decay and trust ratio), zero_grad. Ours is service.trainer.training_step on BarlowTwins with
-our multi-tensor LARS; the ratio is to lightly's step, measured in the same run (median over steps, after warm-up).
+our multi-tensor LARS, without and with the non-finite guard the trainer adds (a finiteness check of the loss and
+the gradients, and LARS made conditional on it); the ratio is to lightly's step, measured in the same run (median
+over steps, after warm-up).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.peers import import_lightly  # noqa: E402
+from service.metrics import NonFiniteGuard  # noqa: E402
 from service.model import BarlowTwins, build_backbone  # noqa: E402
 from service.optim import build_lars  # noqa: E402
 from service.spec import LossSpec, ModelSpec  # noqa: E402
@@ -71,6 +74,10 @@ def main() -> None:
     ours_time = median_step_time(
         lambda y1, y2: training_step(ours, optimizer, scaler, precision, loss_spec, y1, y2, args.batch),
         inputs, 2, args.steps)
+    guard = NonFiniteGuard(torch.device("cpu"), first_step=0)  # what the trainer runs: every step checked
+    guarded_time = median_step_time(
+        lambda y1, y2: training_step(ours, optimizer, scaler, precision, loss_spec, y1, y2, args.batch, guard),
+        inputs, 2, args.steps)
 
     torch.manual_seed(0)
     backbone = build_backbone("resnet18", "cifar")
@@ -94,7 +101,8 @@ def main() -> None:
     print(f"ResNet-18 (CIFAR stem) + {PROJECTOR}, {args.size} px, batch {args.batch}, fp32, {args.threads} thread(s)")
     print(f"{'step':<36} {'images/s':>9} {'ratio':>7}")
     for name, seconds in (("ours (training_step, foreach LARS)", ours_time),
-                          (f"lightly {lightly.__version__} head + loss + LARS", theirs_time)):
+                          (f"lightly {lightly.__version__} head + loss + LARS", theirs_time),
+                          ("ours + non-finite guard (the trainer)", guarded_time)):
         print(f"{name:<36} {args.batch / seconds:>9.1f} {theirs_time / seconds:>7.2f}")
 
 

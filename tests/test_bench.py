@@ -57,8 +57,8 @@ def test_training_step_benchmark_compares_with_lightly():
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()[2:]
-    assert lines[0].startswith("ours") and lines[1].startswith("lightly")
-    assert float(lines[1].split()[-1]) == 1.0 and float(lines[0].split()[-2]) > 0
+    assert lines[0].startswith("ours") and lines[1].startswith("lightly") and lines[2].startswith("ours + non-finite")
+    assert float(lines[1].split()[-1]) == 1.0 and float(lines[0].split()[-2]) > 0 and float(lines[2].split()[-2]) > 0
 
 
 @pytest.mark.slow
