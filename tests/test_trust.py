@@ -185,12 +185,14 @@ def test_a_second_run_on_the_same_output_is_refused_and_the_first_loses_nothing(
     url = request.getfixturevalue("s3_bucket") + "/run" if where == "s3" else str(tmp_path / "run")
     storage = StorageSpec(endpoint_url=endpoint)
     fs, path = filesystem(url, storage)
-    first = subprocess.Popen([str(Path(sys.executable).parent / "barlow"), *train_args(url, endpoint=endpoint)],
-                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    long_enough = "optim.epochs=4"  # 64 steps: still running while the second run starts up, on a fast machine too
+    first = subprocess.Popen(
+        [str(Path(sys.executable).parent / "barlow"), *train_args(url, long_enough, endpoint=endpoint)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         wait_for(lambda: fs.exists(f"{path}/lease.json"), "its lease", first)
-        second = barlow(*train_args(url, "run.log_every=2", endpoint=endpoint))
+        second = barlow(*train_args(url, long_enough, "run.log_every=2", endpoint=endpoint))
+        assert first.poll() is None, "the first run ended before the second was refused: the test proves nothing"
         line = one_error_line(second)
         assert second.returncode == 2 and "is in use by job" in line and f"pid {first.pid}" in line, line
         out, err = first.communicate(timeout=600)
@@ -198,9 +200,9 @@ def test_a_second_run_on_the_same_output_is_refused_and_the_first_loses_nothing(
         first.kill()
     assert first.returncode == 0, err[-3000:]
     command, *lines = fs.cat_file(f"{path}/stats.txt").decode().splitlines()
-    assert "run.log_every=2" not in command and [json.loads(line)["step"] for line in lines] == list(range(16))
+    assert "run.log_every=2" not in command and [json.loads(line)["step"] for line in lines] == list(range(64))
     checkpoints = list_checkpoints(url, storage)
-    assert [c.step for c in checkpoints] == [12, 16]
+    assert [c.step for c in checkpoints] == [60, 64]
     assert len({c.run_id for c in checkpoints}) == 1 and checkpoints[0].run_id
     assert not fs.exists(f"{path}/lease.json")  # given back at the end
 
@@ -253,7 +255,7 @@ def test_a_run_whose_last_checkpoint_does_not_commit_exits_non_zero_and_exports_
         storage = StorageSpec(endpoint_url=server.endpoint_url)
         run = subprocess.Popen(
             [str(Path(sys.executable).parent / "barlow"),
-             *train_args(url, "storage.retries=0", endpoint=server.endpoint_url)],
+             *train_args(url, "storage.retries=0", "optim.epochs=3", endpoint=server.endpoint_url)],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "OMP_NUM_THREADS": "1"})
         wait_for(lambda: any(c.valid for c in list_checkpoints(url, storage)), "its first checkpoint", run)
@@ -263,5 +265,5 @@ def test_a_run_whose_last_checkpoint_does_not_commit_exits_non_zero_and_exports_
         server.stop()
     assert run.returncode == 3, err[-3000:]
     line = [line for line in err.splitlines() if line.startswith("barlow: ")]
-    assert len(line) == 1 and "the checkpoint of step 16 was not committed" in line[0] and "Traceback" not in err
+    assert len(line) == 1 and "the checkpoint of step 48 was not committed" in line[0] and "Traceback" not in err
     assert "done:" not in err
