@@ -320,8 +320,8 @@ class CheckpointManager:
                 log.warning("could not delete old checkpoints now: %s", explain(self.root, error))
 
     def _commit(self, url: str, state: dict, rank_objects: list[dict]) -> None:
-        if self.lease is not None and self.lease.lost:
-            raise RuntimeError(f"this run lost the lease of {self.run_url} to another run: not committing {url}")
+        if self.lease is not None:  # a conditional rewrite of the lease: LeaseLost if another run took it over
+            self.lease.refresh()
         objects = {name: info for per_rank in rank_objects for name, info in per_rank.items()}
         manifest = dict(
             format=FORMAT_VERSION,

@@ -195,12 +195,16 @@ class Lease:
                     self._version = self._store.replace(record.to_json(), self._version)
                 except _Conflict:
                     stored = self._store.read()
-                    holder = _parse(stored.data)[0] if stored else None
-                    if holder is None or holder.token != self.record.token:
-                        self._lost = True
-                        raise LeaseLost(_lost_message(self.run_url, holder, stored)) from None
-                    # ours, at a version we did not see (a retried write whose reply was lost): write over it
-                    self._version = self._store.replace(record.to_json(), stored.version)
+                    if stored is None:  # deleted, and nobody took it since: ours again (a create fails if taken)
+                        self._version = self._store.create(record.to_json())
+                        log.warning("%s: %s had vanished; written again", self.run_url, LEASE_FILE)
+                    else:
+                        holder = _parse(stored.data)[0]
+                        if holder is None or holder.token != self.record.token:
+                            self._lost = True
+                            raise LeaseLost(_lost_message(self.run_url, holder)) from None
+                        # ours, at a version we did not see (a retried write whose reply was lost): write over it
+                        self._version = self._store.replace(record.to_json(), stored.version)
             except _Conflict:
                 self._lost = True
                 raise LeaseLost(f"{self.run_url}: the lease changed while it was being refreshed; this job no "
@@ -329,10 +333,8 @@ def _held_message(run_url: str, holder: LeaseRecord | None, problem: str | None,
             f"or if it is dead, rerun {then}")
 
 
-def _lost_message(run_url: str, holder: LeaseRecord | None, stored: _Stored | None) -> str:
-    if stored is None:
-        taken = f"{LEASE_FILE} was removed"
-    elif holder is None:
+def _lost_message(run_url: str, holder: LeaseRecord | None) -> str:
+    if holder is None:
         taken = f"{LEASE_FILE} was overwritten with something unreadable"
     else:
         taken = f"job {holder.job_id} on host {holder.host} (pid {holder.pid}) took it over at {holder.started}"

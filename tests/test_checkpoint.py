@@ -433,3 +433,19 @@ def test_allow_changes_must_name_fields_of_the_spec():
     assert load_spec(digits, ["checkpoint.allow_changes=[optim.epochs, augment]"])
     with pytest.raises(SpecError, match="names 'optim.epoch' \\(did you mean 'optim.epochs'\\?\\): not a field"):
         load_spec(digits, ["checkpoint.allow_changes=[optim.epoch]"])
+
+
+def test_a_run_whose_lease_was_taken_over_commits_nothing(run_url, request, caplog):
+    from service.lease import Lease
+
+    storage = storage_for(run_url, request)
+    first = Training(run_url, storage)
+    first.manager.restore()
+    first.manager.save(4, wait=True)
+    taker = Lease.acquire(run_url, storage, job_id="another-job", timeout_s=300, force=True)
+    with caplog.at_level(logging.ERROR, logger="barlow"):
+        first.manager.save(8, wait=True)  # the heartbeat has not run yet: the commit itself must find out
+    assert first.manager.failed == [8] and "lease lost" in caplog.text and "another-job" in caplog.text
+    assert [(c.step, c.valid) for c in list_checkpoints(run_url, storage)] == [(4, True), (8, False)]
+    first.manager.close()
+    taker.release()

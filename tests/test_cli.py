@@ -49,6 +49,7 @@ def test_schema_command_writes_the_json_schema(tmp_path):
     ("optim.lr_weight=0.3", "optim.lr_weight: unknown field; did you mean 'lr_weights'?"),
     ("optim.epochs=many", "optim.epochs: Input should be a valid integer"),
     ("optim.batch_size=2", "is smaller than the 3 workers"),
+    ("checkpoint.allow_changes=[optim.epoch]", "names 'optim.epoch' (did you mean 'optim.epochs'?)"),
 ])
 def test_bad_spec_is_one_clear_error_without_traceback(override, named):
     result = barlow("validate", DIGITS, "--set", override, "--world-size", "3")

@@ -320,3 +320,17 @@ def test_unusable_storage_is_a_storage_error(s3_server, aws_env):
     storage = StorageSpec(endpoint_url=s3_server.endpoint_url, retries=0)
     with pytest.raises(StorageError, match="s3://no-such-bucket/run: the bucket or folder does not exist"):
         Lease.acquire("s3://no-such-bucket/run", storage, job_id="job-a", timeout_s=300)
+
+
+def test_a_vanished_lease_is_written_again_unless_another_job_took_it(run_url, storage):
+    fs, path = filesystem(run_url, storage)
+    lease = Lease.acquire(run_url, storage, job_id="job-a", timeout_s=300)
+    fs.rm_file(f"{path}/lease.json")  # deleted by hand, or a store that lost its data
+    lease.refresh()
+    assert not lease.lost and LeaseRecord.from_json(fs.cat_file(f"{path}/lease.json")).token == lease.record.token
+    fs.rm_file(f"{path}/lease.json")
+    other = Lease.acquire(run_url, storage, job_id="job-b", timeout_s=300)  # the output was free: taken
+    with pytest.raises(LeaseLost, match="job job-b"):
+        lease.refresh()
+    assert lease.lost
+    other.release()

@@ -27,12 +27,17 @@ def test_precision_choice_per_device():
     assert not Precision.choose("bf16", cpu).grad_scaler().is_enabled()
 
 
-def test_bf16_step_runs_the_network_in_bf16_and_the_loss_in_fp32():
+def tiny_model_and_lars(device: str = "cpu") -> tuple[BarlowTwins, torch.optim.Optimizer]:
     torch.manual_seed(0)
-    model = BarlowTwins(ModelSpec(backbone="resnet18", stem="cifar", projector="32-16"))
+    model = BarlowTwins(ModelSpec(backbone="resnet18", stem="cifar", projector="32-16")).to(device)
     optimizer = build_lars(model, weight_decay=1e-6, momentum=0.9, eta=0.001)
     for group in optimizer.param_groups:
         group["lr"] = 0.1
+    return model, optimizer
+
+
+def test_bf16_step_runs_the_network_in_bf16_and_the_loss_in_fp32():
+    model, optimizer = tiny_model_and_lars()
     precision = Precision.choose("bf16", torch.device("cpu"))
     seen = []
     model.projector.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
@@ -71,11 +76,7 @@ def test_compiled_training_follows_eager_training(tmp_path):
 def test_the_guard_skips_a_non_finite_step_and_remembers_it(poison):
     from service.metrics import NonFiniteGuard
 
-    torch.manual_seed(0)
-    model = BarlowTwins(ModelSpec(backbone="resnet18", stem="cifar", projector="32-16"))
-    optimizer = build_lars(model, weight_decay=1e-6, momentum=0.9, eta=0.001)
-    for group in optimizer.param_groups:
-        group["lr"] = 0.1
+    model, optimizer = tiny_model_and_lars()
     precision = Precision.choose("fp32", torch.device("cpu"))
     guard = NonFiniteGuard(torch.device("cpu"), first_step=40)
     y1, y2 = torch.randn(8, 3, 8, 8), torch.randn(8, 3, 8, 8)
@@ -97,8 +98,7 @@ def test_the_guarded_step_never_waits_for_the_device(precision_name):
     from service.metrics import NonFiniteGuard
 
     device = torch.device("cuda")
-    model = BarlowTwins(ModelSpec(backbone="resnet18", stem="cifar", projector="32-16")).to(device)
-    optimizer = build_lars(model, weight_decay=1e-6, momentum=0.9, eta=0.001)
+    model, optimizer = tiny_model_and_lars("cuda")
     precision = Precision.choose(precision_name, device)
     scaler = precision.grad_scaler()
     guard = NonFiniteGuard(device, first_step=0)
