@@ -12,6 +12,9 @@ from torchx.specs import Resource
 GiB = 1024  # memMB is in MiB
 SHM_CAPABILITY = "barlow/shmMB"
 WORKERS_METADATA = "barlow/nproc_per_node"
+# what the Kubernetes scheduler checks before it creates a job: where the run writes, where volumes are mounted
+RUN_OUTPUT_METADATA = "barlow/run.output"
+MOUNTS_METADATA = "barlow/mounts"
 
 
 def gpu_8xh100() -> Resource:

@@ -21,12 +21,9 @@ import sys
 
 import yaml
 
-from service import distributed
-from service.checkpoint import CheckpointError, list_checkpoints, verify_checkpoint
-from service.data import DataError
-from service.metrics import NonFiniteLoss
+# torch and the training modules are imported where a command needs them: `barlow submit`, `validate` and
+# `schema` start in a fraction of the time
 from service.redaction import redact_arguments
-from service.export import export_checkpoint, exported_weights_url
 from service.spec import EvaluateSpec, SpecError, StorageSpec, json_schema, load_spec, spec_kind, spec_to_yaml
 from service.storage import StorageError, explain, require_exists, storage_errors
 
@@ -79,35 +76,40 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("out", help="where to write the .pth file (path or URL)")
 
     submit = commands.add_parser(
-        "submit", help="Launch a training job through TorchX (local_cwd or Kubernetes).",
-        description="Validate SPEC, then launch it as an elastic torchrun job with TorchX. On Kubernetes the spec "
-        "path is read inside the image, so keep the same relative path there.")
-    submit.add_argument("spec", help="YAML job spec")
+        "submit", help="Launch a job through TorchX (local_cwd or Kubernetes), as torchx run would.",
+        description="Read, override and validate SPEC here, then launch the barlowtwins.train (or .evaluate) "
+        "component through the TorchX Runner with the project's scheduler: the same job as `torchx run -s "
+        "SCHEDULER barlowtwins.train ...`, with .torchxconfig applied. The resolved spec travels inside the job.")
+    submit.add_argument("spec", help="YAML job spec: a file, an fsspec URL (s3://...), or image:PATH inside the image")
     submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     submit.add_argument("--scheduler", choices=["local_cwd", "kubernetes"], required=True)
     submit.add_argument("--dryrun", action="store_true", help="print what would be launched, launch nothing")
-    submit.add_argument("--image", default="barlowtwins-service:latest", help="training image (Kubernetes)")
-    submit.add_argument("--nnodes", default="1", help="N nodes, or MIN:MAX for an elastic job")
-    submit.add_argument("--nproc-per-node", type=int, default=None, help="workers per node (default: one per GPU)")
-    submit.add_argument("--h", dest="named_resource", default=None, help="named resource, e.g. gpu_8xh100")
-    submit.add_argument("--gpu", type=int, default=0, help="GPUs per node")
-    submit.add_argument("--cpu", type=int, default=None, help="CPUs per node")
-    submit.add_argument("--mem-mb", type=int, default=None, help="memory per node, MiB")
-    submit.add_argument("--shm-mb", type=int, default=None, help="/dev/shm per node, MiB")
-    submit.add_argument("--max-restarts", type=int, default=3, help="worker-group restarts after a failure")
-    submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable")
-    submit.add_argument("--mount", action="append", default=[],
-                        help="volume, e.g. type=volume,src=imagenet,dst=/data/imagenet,readonly")
-    submit.add_argument("--name", default="barlowtwins", help="job name")
-    k8s = submit.add_argument_group("Kubernetes")
-    k8s.add_argument("--queue", default="barlow", help="Volcano queue")
-    k8s.add_argument("--namespace", default="barlow")
-    k8s.add_argument("--service-account", default="barlow-trainer", help="pods' service account (IRSA)")
-    k8s.add_argument("--priority-class", default=None)
+    submit.add_argument("--workspace", default=None, metavar="DIR",
+                        help="layer DIR over the image and push it to image_repo (TorchX workspace; Kubernetes)")
+    job = submit.add_argument_group("the component's arguments (torchx run ... barlowtwins.train --help)")
+    job.add_argument("--image", help="training image (Kubernetes)")
+    job.add_argument("--nnodes", help="N nodes, or MIN:MAX for an elastic job")
+    job.add_argument("--nproc-per-node", help="workers per node (default: one per GPU)")
+    job.add_argument("--h", dest="named_resource", help="named resource, e.g. gpu_8xh100")
+    job.add_argument("--gpu", help="GPUs per node")
+    job.add_argument("--cpu", help="CPUs per node")
+    job.add_argument("--mem-mb", help="memory per node, MiB")
+    job.add_argument("--shm-mb", help="/dev/shm per node, MiB")
+    job.add_argument("--max-restarts", help="worker-group restarts after a failure")
+    job.add_argument("--rdzv-port", help="port of the c10d rendezvous on the first node")
+    job.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable")
+    job.add_argument("--mount", action="append", default=[],
+                     help="volume, e.g. type=volume,src=imagenet,dst=/data/imagenet,readonly")
+    job.add_argument("--name", help="job name")
+    k8s = submit.add_argument_group("Kubernetes run options (default: .torchxconfig, then the scheduler's)")
+    k8s.add_argument("--queue", help="Volcano queue")
+    k8s.add_argument("--namespace")
+    k8s.add_argument("--service-account", help="pods' service account (IRSA)")
+    k8s.add_argument("--priority-class")
     k8s.add_argument("--toleration", action="append", default=[], metavar="KEY[=VALUE]:EFFECT")
     k8s.add_argument("--node-selector", action="append", default=[], metavar="LABEL=VALUE")
     k8s.add_argument("--image-pull-secret", action="append", default=[], metavar="SECRET")
-    k8s.add_argument("--s3-secret", default=None, metavar="SECRET",
+    k8s.add_argument("--credentials-secret", "--s3-secret", dest="credentials_secret", metavar="SECRET",
                      help="Secret whose keys (AWS_ACCESS_KEY_ID, ...) become the workers' environment")
     for name, help_text in (("status", "Print a job's state."), ("logs", "Print a job's logs (first worker node)."),
                             ("cancel", "Stop a job.")):
@@ -126,44 +128,51 @@ def _key_values(items: list[str], what: str) -> dict[str, str]:
     return pairs
 
 
+def _component_arguments(args: argparse.Namespace) -> list[str]:
+    """barlow submit's flags as the torchx CLI hands them to the component: strings, only those given."""
+    named = {"spec": args.spec, "image": args.image, "nnodes": args.nnodes, "nproc_per_node": args.nproc_per_node,
+             "h": args.named_resource, "gpu": args.gpu, "cpu": args.cpu, "memMB": args.mem_mb, "shmMB": args.shm_mb,
+             "max_restarts": args.max_restarts, "rdzv_port": args.rdzv_port, "name": args.name,
+             "env": ",".join(args.env) or None, "mounts": ",".join(args.mount) or None}
+    arguments = [part for key, value in named.items() if value is not None for part in (f"--{key}", value)]
+    return arguments + list(args.overrides)
+
+
+def _run_options(args: argparse.Namespace) -> dict:
+    if args.scheduler != "kubernetes":
+        return {}
+    options = {"queue": args.queue, "namespace": args.namespace, "service_account": args.service_account,
+               "priority_class": args.priority_class, "tolerations": args.toleration or None,
+               "node_selector": _key_values(args.node_selector, "--node-selector") or None,
+               "image_pull_secrets": args.image_pull_secret or None, "credentials_secret": args.credentials_secret}
+    return {key: value for key, value in options.items() if value is not None}
+
+
 def _submit(args: argparse.Namespace) -> int:
-    from components import barlowtwins
-    from components.resources import WORKERS_METADATA
-    from service.submit import KubernetesOptions, kubernetes_dryrun, max_world_size, stream_logs
+    from service.launch.submit import component_for, dryrun, stream_logs
 
-    kind = spec_kind(args.spec)
-    component = barlowtwins.evaluate if kind is EvaluateSpec else barlowtwins.train
-    app = component(
-        args.spec, *args.overrides, image=args.image, nnodes=args.nnodes, nproc_per_node=args.nproc_per_node,
-        h=args.named_resource, gpu=args.gpu, cpu=args.cpu, memMB=args.mem_mb, shmMB=args.shm_mb,
-        max_restarts=args.max_restarts, env=_key_values(args.env, "--env") or None, mounts=[part for mount in args.mount for part in mount.split(",")] or None,
-        name=args.name if args.name != "barlowtwins" or kind is not EvaluateSpec else "barlowtwins-eval",
-    )
-    nproc = app.roles[0].metadata[WORKERS_METADATA]
-    load_spec(args.spec, args.overrides, world_size=max_world_size(args.nnodes, nproc), kind=kind)
-    if args.scheduler == "kubernetes":
-        options = KubernetesOptions(
-            queue=args.queue, namespace=args.namespace, service_account=args.service_account,
-            priority_class=args.priority_class, tolerations=args.toleration,
-            node_selector=_key_values(args.node_selector, "--node-selector"),
-            image_pull_secrets=args.image_pull_secret, s3_secret=args.s3_secret,
-        )
-        runner, info = kubernetes_dryrun(app, options)
-        if args.dryrun:
-            print(yaml.safe_dump(info.request.resource, sort_keys=False), end="")
-            return 0
-        print(runner.schedule(info))
-        return 0
-    from torchx.runner import get_runner
-
-    runner = get_runner()
+    source = args.spec.removeprefix("image:")
+    component = component_for(spec_kind(source, args.overrides).__name__)
+    session, info = dryrun(component, _component_arguments(args), args.scheduler, _run_options(args),
+                           workspace=args.workspace)
     if args.dryrun:
-        print(runner.dryrun(app, "local_cwd", cfg={}))
+        resource = getattr(info.request, "resource", None)  # a Kubernetes job; the local scheduler's request prints
+        text = yaml.safe_dump(resource, sort_keys=False) if isinstance(resource, dict) else f"{info}\n"
+        print(text, end="")
         return 0
-    handle = runner.run(app, "local_cwd", cfg={})
+    try:
+        handle = session.schedule(info)
+    except Exception as error:  # the cluster, its API or the registry: the job was not created
+        first_line = (str(error).strip().splitlines() or [""])[0][:300]
+        where = (" (is kubectl's context, $KUBECONFIG or ~/.kube/config, the cluster's, and may it create Volcano "
+                 "jobs there?)" if args.scheduler == "kubernetes" else "")
+        print(f"barlow: the job was not created: {type(error).__name__}: {first_line}{where}", file=sys.stderr)
+        return 2
     print(handle, flush=True)
-    stream_logs(runner, handle)
-    status = runner.wait(handle, wait_interval=1)
+    if args.scheduler == "kubernetes":
+        return 0
+    stream_logs(session, handle, role=info._app.roles[0].name)
+    status = session.wait(handle, wait_interval=1)
     print(f"{handle}: {status.state.name if status else 'UNKNOWN'}")
     return 0 if status and status.state.name == "SUCCEEDED" else 1
 
@@ -171,7 +180,7 @@ def _submit(args: argparse.Namespace) -> int:
 def _manage(args: argparse.Namespace) -> int:
     from torchx.runner import get_runner
 
-    from service.submit import stream_logs
+    from service.launch.submit import stream_logs
 
     runner = get_runner()
     if args.command == "status":
@@ -190,6 +199,8 @@ def _storage(args: argparse.Namespace) -> StorageSpec:
 
 def _print_checkpoints(run: str, storage: StorageSpec, verify: bool) -> int:
     """The run's checkpoints, one row each; with `verify`, every byte checked. 1 when a checkpoint fails it."""
+    from service.checkpoint import list_checkpoints, verify_checkpoint
+
     rows = [("STEP", "EPOCH", "BATCH", "SIZE", "CREATED", "RUN", "STATUS")]
     corrupt = False
     for checkpoint in list_checkpoints(run, storage):
@@ -237,6 +248,15 @@ def _configure_logging() -> None:
     log.propagate = False
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a user's input causes: one line and exit 2. Evaluated only when an exception reaches main."""
+    from service.checkpoint import CheckpointError
+    from service.data import DataError
+    from service.metrics import NonFiniteLoss
+
+    return SpecError, DataError, NonFiniteLoss, StorageError, CheckpointError, ValueError
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _configure_logging()
@@ -256,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "checkpoints":
             return _print_checkpoints(args.run, _storage(args), args.verify)
         if args.command == "export":
+            from service.export import export_checkpoint
+
             backbone = export_checkpoint(args.checkpoint, args.out, _storage(args))
             print(f"wrote {args.out}: {len(backbone)} tensors of the backbone, torchvision key names, no fc")
             return 0
@@ -267,12 +289,14 @@ def main(argv: list[str] | None = None) -> int:
             return _evaluate(args, argv)
         if args.command == "compare":
             from service.compare import compare, format_table
+            from service.export import exported_weights_url
 
             spec = load_spec(args.spec, args.overrides)
             weights = args.weights or exported_weights_url(spec)
             print(f"{spec.model.backbone} pretrained ({weights}) vs the same randomly initialised vs raw pixels")
             print(format_table(compare(spec, weights)))
             return 0
+        from service import distributed
         from service.trainer import train
 
         spec = load_spec(args.spec, args.overrides, world_size=distributed.launched_world_size())
@@ -291,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"done: {result.steps} steps; stats {result.output}/stats.txt; backbone {result.weights}; "
                       f"spec {result.output}/spec.yaml; checkpoints {result.output}/checkpoints")
         return 0
-    except (SpecError, DataError, NonFiniteLoss, StorageError, CheckpointError, ValueError) as error:
+    except _user_errors() as error:
         print(f"barlow: {error}", file=sys.stderr)
         return 2
     except storage_errors() as error:  # reading a run or a checkpoint: bad credentials, endpoint, bucket

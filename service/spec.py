@@ -8,6 +8,7 @@ overrides (`optim.lr_weights=0.3`), and validated here before any process starts
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import math
 import os
@@ -482,13 +483,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def load_spec(path: str | Path | None, overrides: list[str] = (), world_size: int | None = None,
               kind: type[_Section] | None = None) -> TrainSpec | EvaluateSpec:
-    """Read a YAML spec (or the defaults when `path` is None), apply overrides, validate as `kind` (TrainSpec)."""
+    """Read a YAML spec (or the defaults when `path` is None), apply overrides, validate as `kind` (TrainSpec).
+
+    `path` is a file, an fsspec URL (s3://bucket/specs/x.yaml, read with the overrides' storage.* settings), or
+    env:NAME, a spec shipped in an environment variable (how a submitted job carries its resolved spec)."""
     kind = kind or TrainSpec
     data: dict[str, Any] = {}
     if path is not None:
-        data = _read_spec_file(path) or {}
-        if not isinstance(data, dict):
-            raise SpecError(f"spec file {path} must hold a mapping of sections (data, model, optim, ...)")
+        data = read_spec_data(str(path), overrides)
     data = apply_overrides(data, list(overrides))
     try:
         return kind.model_validate(data, context={"world_size": world_size})
@@ -496,12 +498,69 @@ def load_spec(path: str | Path | None, overrides: list[str] = (), world_size: in
         raise SpecError(describe_errors(error, source=str(path or "the spec"), root=kind)) from None
 
 
+def read_spec_data(source: str, overrides: list[str] = ()) -> dict[str, Any]:
+    """The mapping of sections a spec source holds (a file, a URL or env:NAME; see load_spec)."""
+    data = safe_yaml(read_spec_text(source, overrides), f"spec {source}") or {}
+    if not isinstance(data, dict):
+        raise SpecError(f"spec {source} must hold a mapping of sections (data, model, optim, ...)")
+    return data
+
+
+SPEC_ENV_PREFIX = "env:"
+
+
+def spec_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def read_spec_text(source: str, overrides: list[str] = ()) -> str:
+    """A spec's text from a file, an fsspec URL or env:NAME. A shipped spec (env:NAME) is checked against
+    NAME_SHA256 when that is set: the pods run what was validated at submission, or nothing."""
+    if source.startswith(SPEC_ENV_PREFIX):
+        name = source.removeprefix(SPEC_ENV_PREFIX)
+        if name not in os.environ:
+            raise SpecError(f"spec {source}: the environment variable {name} is not set")
+        text = os.environ[name]
+        digest = os.environ.get(f"{name}_SHA256")
+        if digest is not None and spec_digest(text) != digest:
+            raise SpecError(f"spec {source} does not match {name}_SHA256: it changed after it was validated")
+        return text
+    if "://" in source and not source.startswith("file://"):
+        return _read_spec_url(source, overrides)
+    return _read_spec_file(source.removeprefix("file://")).decode("utf-8", errors="replace")
+
+
+def _read_spec_url(url: str, overrides: list[str]) -> str:
+    from service.storage import StorageError, explain, filesystem, storage_errors
+
+    settings = apply_overrides({}, [o for o in overrides if o.partition("=")[0].startswith("storage.")])
+    try:
+        storage = StorageSpec.model_validate(settings.get("storage", {}))
+    except ValidationError as error:
+        raise SpecError(describe_errors(error, source="the storage.* overrides", root=TrainSpec)) from None
+    try:
+        fs, path = filesystem(url, storage)
+        if fs.isdir(path):
+            raise SpecError(f"spec {url} is a folder: give a YAML file, e.g. s3://bucket/specs/x.yaml")
+        with fs.open(path, "rb") as file:
+            text = file.read(MAX_SPEC_BYTES + 1)
+    except FileNotFoundError:
+        raise SpecError(f"spec {url} does not exist") from None
+    except StorageError as error:
+        raise SpecError(f"spec {error}") from None
+    except storage_errors() as error:
+        raise SpecError(f"spec {explain(url, error)}") from None
+    if len(text) > MAX_SPEC_BYTES:
+        raise SpecError(f"spec {url} is larger than {MAX_SPEC_BYTES // 2**20} MiB: a spec is a few KB")
+    return text.decode("utf-8", errors="replace")
+
+
 MAX_SPEC_BYTES = 1 << 20  # specs are a few KB
 MAX_SPEC_VALUES = 100_000  # and a few hundred values
 
 
-def _read_spec_file(path: str | Path) -> Any:
-    """A spec file's YAML: a regular file (a folder, FIFO or device is refused, never opened) of at most
+def _read_spec_file(path: str | Path) -> bytes:
+    """A spec file's bytes: a regular file (a folder, FIFO or device is refused, never opened) of at most
     MAX_SPEC_BYTES."""
     try:
         info = os.stat(path)
@@ -517,7 +576,7 @@ def _read_spec_file(path: str | Path) -> Any:
         raise SpecError(f"spec file {path} cannot be read: {error.strerror or error}") from None
     if len(text) > MAX_SPEC_BYTES:
         raise SpecError(f"spec file {path} is larger than {MAX_SPEC_BYTES // 2**20} MiB: a spec is a few KB")
-    return safe_yaml(text, f"spec file {path}")
+    return text
 
 
 def safe_yaml(text: str | bytes, source: str) -> Any:
@@ -552,13 +611,17 @@ def safe_yaml(text: str | bytes, source: str) -> Any:
         loader.dispose()
 
 
-def spec_kind(path: str | Path) -> type[TrainSpec] | type[EvaluateSpec]:
-    """EvaluateSpec for a YAML file with an `eval` or `backbone` section, TrainSpec otherwise."""
+def spec_kind(path: str | Path, overrides: list[str] = ()) -> type[TrainSpec] | type[EvaluateSpec]:
+    """EvaluateSpec for a spec with an `eval` or `backbone` section, TrainSpec otherwise."""
     try:
-        data = _read_spec_file(path) or {}
+        data = read_spec_data(str(path), overrides)
     except SpecError:
         return TrainSpec  # load_spec reports the problem
-    return EvaluateSpec if isinstance(data, dict) and ({"eval", "backbone"} & set(data)) else TrainSpec
+    return kind_of(data)
+
+
+def kind_of(data: dict[str, Any]) -> type[TrainSpec] | type[EvaluateSpec]:
+    return EvaluateSpec if {"eval", "backbone"} & set(data) else TrainSpec
 
 
 def describe_errors(error: ValidationError, source: str, root: type[BaseModel] | None = None) -> str:

@@ -1,19 +1,25 @@
-"""TorchX components and the Kubernetes jobs they become: AppDef, rendered Volcano Job, security checks."""
+"""TorchX components and the Kubernetes jobs they become, called from Python: the AppDef, the spec it carries, the
+project's scheduler's Volcano Job, and the checks that refuse a job before it is created. The same through the
+real `torchx` and `barlow` executables is tests/test_torchx_cli.py."""
 
 from pathlib import Path
 
 import pytest
 import yaml
 from torchx import specs
+from torchx.runner import get_runner
+from torchx.schedulers import get_scheduler_factories
 from torchx.specs.finder import get_components
 from torchx.specs.file_linter import validate
 
-from components.barlowtwins import evaluate, parse_nnodes, train
-from service.cli import main
-from service.submit import KubernetesOptions, complete_volcano_job, kubernetes_dryrun, parse_toleration
+from components.barlowtwins import IMAGE_REFERENCE, evaluate, parse_nnodes, train
+from service.launch.scheduler import BarlowKubernetesScheduler, complete_volcano_job, parse_toleration
+from service.launch.torchx_api import SubmissionError, run_option
+from service.spec import TrainSpec, load_spec, spec_digest
 from tests.k8s_schemas import checkov_failures, template_as_pod, validate_core, validate_volcano
 
 COMPONENT = "components/barlowtwins.py"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def command(app: specs.AppDef) -> str:
@@ -26,44 +32,49 @@ def option(text: str, name: str) -> str:
     return text.split(f"{name} ")[1].split()[0]
 
 
+def shipped(app: specs.AppDef) -> TrainSpec:
+    """The spec the pods will read, as they read it."""
+    env = app.roles[0].env
+    assert spec_digest(env["BARLOW_SPEC"]) == env["BARLOW_SPEC_SHA256"]
+    return yaml.safe_load(env["BARLOW_SPEC"])
+
+
 def test_component_passes_torchx_validation():
-    assert validate(COMPONENT, "train") == []
+    assert validate(COMPONENT, "train") == [] and validate(COMPONENT, "evaluate") == []
 
 
 def test_registered_with_the_builtins_kept():
-    components = get_components()
-    assert {"barlowtwins.train", "barlowtwins.evaluate", "dist.ddp"} <= set(components)
+    assert {"barlowtwins.train", "barlowtwins.evaluate", "dist.ddp", "utils.echo"} <= set(get_components())
+    schedulers = get_scheduler_factories()
+    assert set(schedulers) == {"local_cwd", "local_docker", "kubernetes"}
+    assert isinstance(schedulers["kubernetes"](session_name="test"), BarlowKubernetesScheduler)
 
 
 def test_evaluate_component_runs_barlow_evaluate_like_training():
-    assert validate(COMPONENT, "evaluate") == []
     app = evaluate("specs/imagenet-linear.yaml", "eval.mode=finetune", nnodes="2", h="gpu_8xh100")
     text = command(app)
-    assert "-m service evaluate specs/imagenet-linear.yaml --set eval.mode=finetune" in text
+    assert "-m service evaluate env:BARLOW_SPEC" in text and "--set" not in text
+    assert shipped(app)["eval"]["mode"] == "finetune"
     assert app.roles[0].name == "evaluator" and app.roles[0].num_replicas == 2
     assert option(text, "--nproc_per_node") == "8"
 
 
-def test_submit_picks_the_evaluate_component_for_an_evaluation_spec(capsys):
-    assert main(["submit", "specs/imagenet-linear.yaml", "--scheduler", "kubernetes", "--dryrun", "--gpu", "1"]) == 0
-    job = yaml.safe_load(capsys.readouterr().out)
-    validate_volcano(job)
-    assert "-m service evaluate specs/imagenet-linear.yaml" in \
-        job["spec"]["tasks"][0]["template"]["spec"]["containers"][0]["command"][2]
-    assert main(["submit", "specs/imagenet-linear.yaml", "--scheduler", "kubernetes", "--dryrun",
-                 "--set", "eval.mdoe=knn"]) == 2
-    assert "did you mean 'mode'" in capsys.readouterr().err
+def test_the_resolved_spec_travels_in_the_job_not_its_path():
+    app = train("specs/digits.yaml", "optim.epochs=3", "run.output=s3://b/r", nproc_per_node=2)
+    text = command(app)
+    assert text.endswith("-m service train env:BARLOW_SPEC") and "digits.yaml" not in text
+    expected = load_spec(ROOT / "specs" / "digits.yaml", ["optim.epochs=3", "run.output=s3://b/r"], world_size=2)
+    assert TrainSpec.model_validate(shipped(app)) == expected
 
 
 def test_single_node_cpu_job():
-    app = train("specs/digits.yaml", "optim.epochs=3", "run.output=s3://b/r", nproc_per_node=2)
+    app = train("specs/digits.yaml", nproc_per_node=2)
     role = app.roles[0]
     text = command(app)
-    assert text.startswith("torchrun ") and "-m service train specs/digits.yaml" in text
+    assert text.startswith("torchrun ")
     assert option(text, "--rdzv_backend") == "c10d" and option(text, "--rdzv_endpoint") == "localhost:0"
     assert option(text, "--nnodes") == "1" and option(text, "--nproc_per_node") == "2"
     assert int(option(text, "--max_restarts")) > 0  # torchx's dist.ddp passes none: any failure ends the job
-    assert text.endswith("--set optim.epochs=3 --set run.output=s3://b/r")
     assert (role.num_replicas, role.min_replicas) == (1, 1)
     # sized for 2 CPU workers, not torchx's 2 CPUs / 1 GiB default
     assert (role.resource.cpu, role.resource.gpu, role.resource.memMB) == (4, 0, 8192)
@@ -85,16 +96,42 @@ def test_elastic_multi_node_gpu_job():
     assert (mount.src, mount.dst_path, mount.read_only) == ("imagenet", "/data/imagenet", True)
 
 
-def test_named_resource_sizes_the_node():
+def test_named_resource_sizes_the_node_and_explicit_values_ask_for_part_of_it():
     role = train("specs/imagenet-1000ep.yaml", h="gpu_8xh100").roles[0]
-    assert role.resource == specs.resource(h="gpu_8xh100")
-    assert role.resource.gpu == 8 and role.resource.memMB > 1024 * 1024
-    assert option(command(train("s.yaml", h="gpu_8xa100")), "--nproc_per_node") == "8"
+    node = specs.resource(h="gpu_8xh100")
+    assert (role.resource.cpu, role.resource.gpu, role.resource.memMB) == (node.cpu, node.gpu, node.memMB)
+    part = train("specs/imagenet-1000ep.yaml", h="gpu_8xh100", gpu=4, cpu=80, memMB=500_000).roles[0]
+    assert (part.resource.cpu, part.resource.gpu, part.resource.memMB) == (80, 4, 500_000)
+    assert option(command(train("specs/imagenet-1000ep.yaml", h="gpu_8xa100")), "--nproc_per_node") == "8"
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"h": "gpu_8xh100", "memMB": 2_000_000}, "memMB=2000000 does not fit a gpu_8xh100 node"),
+    ({"h": "gpu_8xh100", "cpu": 500}, "cpu=500 does not fit"),
+    ({"h": "gpu_8xa100", "gpu": 16}, "gpu=16 does not fit"),
+    ({"h": "gpu_8xh10"}, "Did you mean `gpu_8xh100`"),
+    ({"gpu": 4, "nproc_per_node": 8}, "one worker per GPU"),
+    ({"gpu": 1, "memMB": 4096, "shmMB": 8192}, "shmMB=8192 must be less than the node's memory"),
+    ({"nproc_per_node": "eight"}, "nproc_per_node must be a whole number"),
+    ({"nproc_per_node": "0"}, "nproc_per_node must be >= 1"),
+    ({"max_restarts": -1}, "max_restarts must be >= 0"),
+    ({"image": "Registry/Bad Image:1"}, "is not an image reference"),
+    ({"image": "r/bt:"}, "is not an image reference"),
+])
+def test_jobs_that_cannot_run_are_refused_before_they_exist(arguments, message):
+    with pytest.raises(SubmissionError, match=message):
+        train("specs/imagenet-1000ep.yaml", **arguments)
+
+
+@pytest.mark.parametrize("image", ["barlowtwins-service:latest", "registry.example.com:5000/barlow/trainer:1.0",
+                                   "localhost/bt", "r/bt:1@sha256:" + "a" * 64, "ghcr.io/org/bt_x-y.z:v1.2-rc"])
+def test_image_references_that_are_fine(image):
+    assert IMAGE_REFERENCE.fullmatch(image)
 
 
 @pytest.mark.parametrize("nnodes", ["0", "4:2", "two", "2:", ":4", "1:2:3", ""])
 def test_bad_nnodes_are_rejected_clearly(nnodes):
-    with pytest.raises(ValueError, match="nnodes"):
+    with pytest.raises(SubmissionError, match="nnodes"):
         train("specs/digits.yaml", nnodes=nnodes)
 
 
@@ -102,22 +139,40 @@ def test_nnodes_parsing():
     assert parse_nnodes("3") == (3, 3) and parse_nnodes("2:4") == (2, 4)
 
 
-def test_more_workers_than_gpus_is_rejected():
-    with pytest.raises(ValueError, match="one worker per GPU"):
-        train("specs/digits.yaml", gpu=4, nproc_per_node=8)
+def test_the_spec_is_validated_against_the_largest_world():
+    with pytest.raises(SubmissionError, match="smaller than the 16 workers"):
+        train("specs/digits.yaml", "optim.batch_size=8", nnodes="1:2", gpu=8)
 
 
-def rendered(nnodes: str, **options) -> tuple[specs.AppDef, dict]:
-    app = train("specs/imagenet-1000ep.yaml", "run.output=s3://bucket/runs/x", nnodes=nnodes, gpu=8)
-    _, info = kubernetes_dryrun(app, KubernetesOptions(**options))
+def test_a_spec_of_the_other_kind_names_the_right_component():
+    with pytest.raises(SubmissionError, match="barlowtwins.evaluate"):
+        train("specs/digits-linear.yaml")
+    with pytest.raises(SubmissionError, match="barlowtwins.train"):
+        evaluate("specs/digits.yaml")
+
+
+def test_a_spec_inside_the_image_is_passed_as_a_path_with_its_overrides():
+    app = train("image:specs/imagenet-1000ep.yaml", "optim.epochs=10", nnodes="2", gpu=8)
+    assert command(app).endswith("-m service train specs/imagenet-1000ep.yaml --set optim.epochs=10")
+    assert "BARLOW_SPEC" not in app.roles[0].env
+    with pytest.raises(SubmissionError, match="did you mean 'epochs'"):  # this tree's copy is checked
+        train("image:specs/imagenet-1000ep.yaml", "optim.epoch=10")
+    only_in_image = train("image:/opt/site/specs/mine.yaml", "run.output=s3://b/r")
+    assert command(only_in_image).endswith("-m service train /opt/site/specs/mine.yaml --set run.output=s3://b/r")
+
+
+def rendered(nnodes: str, app: specs.AppDef | None = None, **cfg) -> tuple[specs.AppDef, dict]:
+    app = app or train("specs/imagenet-1000ep.yaml", "run.output=s3://bucket/runs/x", nnodes=nnodes, gpu=8)
+    info = get_runner().dryrun(app, "kubernetes", cfg=cfg, workspace=None)
     return app, info.request.resource
 
 
 @pytest.mark.parametrize("nnodes", ["1", "2:4"])
 def test_rendered_volcano_job_validates_against_the_crd_and_kubernetes(nnodes):
-    app, job = rendered(nnodes, s3_secret="barlow-s3-credentials", image_pull_secrets=["registry"],
+    app, job = rendered(nnodes, credentials_secret="barlow-s3-credentials", image_pull_secrets=["registry"],
                         tolerations=["dedicated=training:NoSchedule"], node_selector={"pool": "h100"})
     validate_volcano(job)
+    assert job["spec"]["queue"] == "barlow" and "priorityClassName" not in job["spec"]
     tasks = job["spec"]["tasks"]
     low, high = parse_nnodes(nnodes)
     assert len(tasks) == high and [t.get("minAvailable", 1) for t in tasks] == [1] * low + [0] * (high - low)
@@ -131,64 +186,84 @@ def test_rendered_volcano_job_validates_against_the_crd_and_kubernetes(nnodes):
         shm = next(v for v in spec["volumes"] if v["name"] == "dshm")
         assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": f"{8 * 8 * 1024}Mi"}
         assert spec["securityContext"]["runAsNonRoot"] and container["securityContext"]["readOnlyRootFilesystem"]
+        assert spec["automountServiceAccountToken"] is False
         assert container["envFrom"] == [{"secretRef": {"name": "barlow-s3-credentials"}}]
         assert spec["imagePullSecrets"] == [{"name": "registry"}] and spec["nodeSelector"] == {"pool": "h100"}
-        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+        assert spec["tolerations"] == [
+            {"key": "dedicated", "operator": "Equal", "value": "training", "effect": "NoSchedule"},
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
         assert spec["serviceAccountName"] == "barlow-trainer"
 
 
-def test_plain_torchx_rendering_also_validates():
-    """What `torchx run -s kubernetes` submits without `barlow submit`'s completion."""
-    from torchx.runner import get_runner
-    from torchx.schedulers.kubernetes_scheduler import sanitize_for_serialization
-
-    app = train("specs/imagenet-1000ep.yaml", nnodes="2:4", gpu=8)
-    info = get_runner().dryrun(app, "kubernetes", cfg={"queue": "barlow"}, workspace=None)
-    job = sanitize_for_serialization(info.request.resource)
+def test_other_components_get_the_generic_fixes_but_keep_their_image_user():
+    app = specs.AppDef("echo", roles=[specs.Role("echo", image="alpine:3", entrypoint="echo", args=["hi"],
+                                                 resource=specs.Resource(cpu=1, gpu=0, memMB=2048))])
+    _, job = rendered("1", app=app, tolerations=["pool:cpu:NoExecute"])
     validate_volcano(job)
-    for task in job["spec"]["tasks"]:
-        validate_core(template_as_pod(task["template"]))
+    pod = job["spec"]["tasks"][0]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["requests"]["memory"] == "2048Mi"
+    assert pod["tolerations"] == [{"key": "pool", "operator": "Equal", "value": "cpu", "effect": "NoExecute"}]
+    assert "securityContext" not in pod and pod["containers"][0]["securityContext"] == {}
 
 
-def test_strict_validation_catches_a_broken_completion():
-    app, job = rendered("1")
-    job["spec"]["tasks"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"] = "lots"
-    with pytest.raises(AssertionError):
-        validate_volcano(job)
+@pytest.mark.parametrize("output, mounts, refused", [
+    ("./checkpoint", None, True),
+    ("/runs/x", None, True),
+    ("file:///runs/x", None, True),
+    ("memory://runs/x", None, True),
+    ("/runs/x", ["type=volume", "src=runs", "dst=/runs"], False),
+    ("/runsx/y", ["type=volume", "src=runs", "dst=/runs"], True),
+    ("s3://bucket/runs/x", None, False),
+    ("gs://bucket/runs/x", None, False),
+])
+def test_a_run_output_pods_cannot_keep_is_refused_on_kubernetes(output, mounts, refused):
+    app = train("specs/digits.yaml", f"run.output={output}", mounts=mounts)
+    if refused:
+        with pytest.raises(SubmissionError, match="pod's own disk|memory of one process"):
+            rendered("1", app=app)
+    else:
+        validate_volcano(rendered("1", app=app)[1])
+    get_runner().dryrun(app, "local_cwd", cfg={})  # on this machine a local folder is where runs go
 
 
 @pytest.mark.parametrize("text, expected", [
     ("nvidia.com/gpu:NoSchedule", {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}),
     ("pool=a100:NoExecute", {"key": "pool", "operator": "Equal", "value": "a100", "effect": "NoExecute"}),
+    ("pool:a100:NoExecute", {"key": "pool", "operator": "Equal", "value": "a100", "effect": "NoExecute"}),
 ])
 def test_tolerations(text, expected):
     assert parse_toleration(text) == expected
 
 
-def test_bad_toleration_is_rejected():
-    with pytest.raises(ValueError, match="key\\[=value\\]:Effect"):
-        parse_toleration("gpu:Sometimes")
+@pytest.mark.parametrize("text", ["gpu:Sometimes", "NoSchedule", ":NoSchedule"])
+def test_bad_toleration_is_rejected(text):
+    with pytest.raises(SubmissionError, match="key\\[=value\\]:Effect"):
+        parse_toleration(text)
 
 
 def test_device_mounts_are_refused_on_kubernetes():
-    job = {"spec": {"tasks": [{"template": {"spec": {"volumes": [], "containers": [
-        {"resources": {"limits": {}, "requests": {}}, "volumeMounts": [], "securityContext": {"privileged": True}}]}}}]}}
-    with pytest.raises(ValueError, match="privileged"):
-        complete_volcano_job(job, memory_mb=1024, shm_mb=64, gpu=0, options=KubernetesOptions())
+    app = train("specs/digits.yaml", "run.output=s3://b/r", mounts=["type=device", "src=/dev/fuse"])
+    with pytest.raises(SubmissionError, match="privileged"):
+        rendered("1", app=app)
 
 
-def test_submit_dryrun_prints_the_job(capsys):
-    assert main(["submit", "specs/digits.yaml", "--scheduler", "kubernetes", "--dryrun", "--nnodes", "2",
-                 "--gpu", "1", "--set", "run.output=s3://bucket/run"]) == 0
-    job = yaml.safe_load(capsys.readouterr().out)
-    validate_volcano(job)
-    assert "--set run.output=s3://bucket/run" in job["spec"]["tasks"][0]["template"]["spec"]["containers"][0]["command"][2]
+def test_the_completion_reads_run_options_as_mapping_or_attributes():
+    """torchx 0.8 passes a dataclass where 0.7 passes a dict: the seam reads both."""
+    class Options:
+        credentials_secret = "s"
+        tolerations = None
+    assert run_option(Options(), "credentials_secret") == "s" and run_option(Options(), "tolerations", []) == []
+    assert run_option({"credentials_secret": "s"}, "credentials_secret") == "s"
+    app, job = rendered("1")
+    assert complete_volcano_job(job, app, Options())["spec"]["tasks"][0]["template"]["spec"]["containers"][0][
+        "envFrom"] == [{"secretRef": {"name": "s"}}]
 
 
-def test_submit_validates_the_spec_before_launching(capsys):
-    assert main(["submit", "specs/digits.yaml", "--scheduler", "kubernetes", "--dryrun", "--set",
-                 "optim.lr_weight=1"]) == 2
-    assert "did you mean 'lr_weights'" in capsys.readouterr().err
+def test_strict_validation_catches_a_broken_completion():
+    _, job = rendered("1")
+    job["spec"]["tasks"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"] = "lots"
+    with pytest.raises(AssertionError):
+        validate_volcano(job)
 
 
 # checkov's findings that do not apply to a batch training job, each with the reason
@@ -204,18 +279,12 @@ CHECKOV_SKIPS = {
 
 @pytest.mark.slow
 def test_rendered_pod_templates_pass_checkov():
-    _, job = rendered("2:4", s3_secret="barlow-s3-credentials")
+    _, job = rendered("2:4", credentials_secret="barlow-s3-credentials")
     pods = []
     for task in job["spec"]["tasks"]:
         pod = template_as_pod(task["template"])
         pod["metadata"]["namespace"] = "barlow"
         pods.append(pod)
-    policy = yaml.safe_load((Path(__file__).parents[1] / "k8s" / "networkpolicy-training.yaml").read_text())
+    policy = yaml.safe_load((ROOT / "k8s" / "networkpolicy-training.yaml").read_text())
     failures = checkov_failures([*pods, policy], skip={})
     assert sorted(set(failures) - set(CHECKOV_SKIPS)) == []
-
-
-def test_submit_checks_the_batch_against_the_largest_world(capsys):
-    assert main(["submit", "specs/digits.yaml", "--scheduler", "kubernetes", "--dryrun", "--nnodes", "1:2",
-                 "--gpu", "8", "--set", "optim.batch_size=8"]) == 2
-    assert "smaller than the 16 workers" in capsys.readouterr().err

@@ -73,6 +73,6 @@ def test_dockerignore_admits_what_the_dockerfile_copies():
                 if line.startswith("!")}
     assert copied <= admitted, copied - admitted
     uid = re.search(r"useradd --uid (\d+)", dockerfile).group(1)
-    from service.submit import RUN_AS_USER
+    from service.launch.scheduler import RUN_AS_USER
 
     assert int(uid) == RUN_AS_USER, "the pod's runAsUser must be the image's user"

@@ -10,7 +10,6 @@ import pytest
 import yaml
 from torchx.runner.config import apply as apply_torchxconfig
 from torchx.schedulers import get_scheduler_factories
-from torchx.schedulers.kubernetes_scheduler import KubernetesScheduler
 
 from tests.k8s_schemas import (
     checkov_failures,
@@ -159,12 +158,16 @@ def test_torchxconfig_options_are_accepted_by_their_schedulers():
     schedulers = get_scheduler_factories()
     assert "kubernetes" in config.sections()
     for section in config.sections():
+        if section == "cli:run":  # `torchx run`'s own defaults
+            assert set(config[section]) <= {"scheduler", "workspace"} and config[section]["scheduler"] in schedulers
+            continue
         accepted = {name for name, _ in schedulers[section](session_name="test").run_opts()}
         assert set(config[section]) <= accepted, f"[{section}] has options {section} does not take"
     cfg = {}
     apply_torchxconfig("kubernetes", cfg, dirs=[str(REPO)])
-    resolved = KubernetesScheduler(session_name="test").run_opts().resolve(cfg)
+    resolved = schedulers["kubernetes"](session_name="test").run_opts().resolve(cfg)
     assert resolved["queue"] == "barlow" and resolved["namespace"] == "barlow"
+    assert resolved["priority_class"] == "barlow-training"
 
 
 def _volcano_job() -> dict:

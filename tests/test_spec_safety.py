@@ -322,15 +322,15 @@ def test_component_refuses_a_credential_override(component, override, named):
         component("specs/digits.yaml", "optim.epochs=2", override)
     message = str(caught.value)
     assert named in message and override.partition("=")[0] in message and SECRET not in message
-    assert "--s3-secret" in message
+    assert "credentials_secret" in message
 
 
 def test_component_keeps_ordinary_overrides():
     app = barlowtwins.train("specs/digits.yaml", "optim.epochs=2", "storage.endpoint_url=http://minio:9000",
                             "storage.options.client_kwargs.region_name=eu-west-1")
-    script = app.roles[0].args[-1]
-    assert "--set optim.epochs=2 --set storage.endpoint_url=http://minio:9000" in script
-    assert "storage.options.client_kwargs.region_name=eu-west-1" in script
+    shipped = yaml.safe_load(app.roles[0].env["BARLOW_SPEC"])
+    assert shipped["optim"]["epochs"] == 2 and shipped["storage"]["endpoint_url"] == "http://minio:9000"
+    assert shipped["storage"]["options"] == {"client_kwargs": {"region_name": "eu-west-1"}}
 
 
 def test_torchx_run_and_barlow_submit_refuse_a_secret_override(capsys):

@@ -1,0 +1,156 @@
+"""The project's `kubernetes` TorchX scheduler: torchx's Volcano scheduler, completed and checked.
+
+Registered under the `torchx.schedulers` entry point as `kubernetes`, so that `torchx run -s kubernetes` (the
+command users already type), `barlow submit` and the Python Runner all render the same Volcano Job. To it torchx
+0.7.0's scheduler adds nothing of what a training job needs, so this one does:
+- memory request = limit, in MiB (torchx writes decimal megabytes and requests 1 GiB less: 0M for small jobs);
+- /dev/shm sized (torchx's emptyDir has no limit, so the data loaders' shared memory is unaccounted for);
+- tolerations, a node selector, image pull secrets and a Secret of storage credentials, as run options;
+- for this project's roles, a non-root, read-only security context with a writable /tmp, and no API token.
+Before anything is built or created it refuses what cannot work on a cluster: a run.output on the pod's own disk.
+
+Run options (`torchx runopts kubernetes`; set them in .torchxconfig or with -cfg key=value,key=value):
+namespace, queue, service_account, priority_class (as torchx's), tolerations, node_selector, image_pull_secrets,
+credentials_secret, and the workspace's image_repo and quiet.
+"""
+
+from __future__ import annotations
+
+import copy
+import posixpath
+from typing import Any, Dict, List
+
+from torchx.specs import AppDef, AppDryRunInfo, Role, runopts
+
+from components.resources import MOUNTS_METADATA, RUN_OUTPUT_METADATA, SHM_CAPABILITY, WORKERS_METADATA
+from service.launch.torchx_api import KubernetesScheduler, SubmissionError, run_option, to_plain_objects
+
+RUN_AS_USER = 1000  # the training image's non-root user
+EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
+ROLE_LABEL = "torchx.pytorch.org/role-name"
+# where this project's Kubernetes objects (k8s/) put a job unless told otherwise
+DEFAULTS = {"namespace": "barlow", "queue": "barlow", "service_account": "barlow-trainer"}
+
+
+def parse_toleration(text: str) -> dict[str, str]:
+    """`key[=value]:Effect` (kubectl's taint form) or `key[:value]:Effect` (for -cfg, where `=` separates options)
+    to a toleration. Effect: NoSchedule, PreferNoSchedule or NoExecute."""
+    head, sep, effect = text.rpartition(":")
+    if not sep or effect not in EFFECTS or not head:
+        raise SubmissionError(f"toleration {text!r} must be key[=value]:Effect (or key[:value]:Effect) with Effect "
+                              f"one of {', '.join(EFFECTS)}, e.g. nvidia.com/gpu:NoSchedule")
+    key, has_value, value = head.partition("=") if "=" in head else head.partition(":")
+    if has_value:
+        return {"key": key, "operator": "Equal", "value": value, "effect": effect}
+    return {"key": key, "operator": "Exists", "effect": effect}
+
+
+def check_for_kubernetes(app: AppDef) -> None:
+    """What a cluster cannot run, found before an image is built or a node booked: a run.output on the pod's
+    own disk (its checkpoints die with the pod) unless a volume is mounted there."""
+    for role in app.roles:
+        output = role.metadata.get(RUN_OUTPUT_METADATA)
+        if not output or output.startswith("memory://"):
+            if output:
+                raise SubmissionError(f"run.output={output} is the memory of one process: use object storage "
+                                      "(run.output=s3://BUCKET/runs/NAME)")
+            continue
+        if "://" in output and not output.startswith("file://"):
+            continue
+        path = posixpath.normpath(posixpath.join("/app", output.removeprefix("file://")))
+        mounted = [dst for dst in role.metadata.get(MOUNTS_METADATA, []) if
+                   path == posixpath.normpath(dst) or path.startswith(posixpath.normpath(dst).rstrip("/") + "/")]
+        if not mounted:
+            raise SubmissionError(
+                f"run.output={output} is a path on the pod's own disk: its checkpoints would be lost with the pod "
+                "and no other node could resume them. Use object storage (run.output=s3://BUCKET/runs/NAME) or a "
+                "path under a mounted volume (--mounts type=volume,src=CLAIM,dst=/runs)")
+
+
+def complete_volcano_job(job: dict, app: AppDef, cfg: Any) -> dict:
+    """A copy of torchx's rendered Volcano Job with what its scheduler leaves out (see the module docstring)."""
+    job = copy.deepcopy(job)
+    tolerations = [parse_toleration(t) for t in run_option(cfg, "tolerations", [])]
+    roles = {role.name: role for role in app.roles}
+    for task in job["spec"]["tasks"]:
+        role: Role = roles[task["template"]["metadata"]["labels"][ROLE_LABEL]]
+        ours = WORKERS_METADATA in role.metadata  # a role of this project's components, running its image
+        pod = task["template"]["spec"]
+        task_tolerations = list(tolerations)
+        if role.resource.gpu and not any(t["key"] == "nvidia.com/gpu" for t in task_tolerations):
+            task_tolerations.append({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"})
+        if task_tolerations:
+            pod["tolerations"] = task_tolerations
+        if run_option(cfg, "node_selector"):
+            pod["nodeSelector"] = {**(pod.get("nodeSelector") or {}), **run_option(cfg, "node_selector")}
+        if run_option(cfg, "image_pull_secrets"):
+            pod["imagePullSecrets"] = [{"name": name} for name in run_option(cfg, "image_pull_secrets")]
+        shm_mb = role.metadata.get(SHM_CAPABILITY)
+        for volume in pod["volumes"]:
+            if volume["name"] == "dshm" and shm_mb:
+                volume["emptyDir"] = {"medium": "Memory", "sizeLimit": f"{shm_mb}Mi"}
+        for container in pod["containers"]:
+            resources = container["resources"]
+            if role.resource.memMB > 0:
+                resources["limits"]["memory"] = resources["requests"]["memory"] = f"{role.resource.memMB}Mi"
+            if run_option(cfg, "credentials_secret"):
+                container["envFrom"] = [{"secretRef": {"name": run_option(cfg, "credentials_secret")}}]
+        if ours:
+            _harden(pod)
+    return job
+
+
+def _harden(pod: dict) -> None:
+    """Non-root, read-only root filesystem, no privilege, no API token; /tmp (HOME, compile caches) writable."""
+    pod["securityContext"] = {
+        "runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER, "fsGroup": RUN_AS_USER,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    pod["automountServiceAccountToken"] = False  # IRSA mounts its own token; nothing here talks to the API
+    pod["volumes"].append({"name": "tmp", "emptyDir": {}})
+    for container in pod["containers"]:
+        if (container.get("securityContext") or {}).get("privileged"):
+            raise SubmissionError("a type=device mount makes the pod privileged: mount the data as a volume instead "
+                                  "(type=volume,src=CLAIM,dst=/data)")
+        container["volumeMounts"].append({"name": "tmp", "mountPath": "/tmp"})
+        container["env"] = [*container.get("env", []), {"name": "HOME", "value": "/tmp"}]
+        container["securityContext"] = {
+            "allowPrivilegeEscalation": False, "privileged": False, "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]},
+        }
+
+
+class BarlowKubernetesScheduler(KubernetesScheduler):
+    """torchx's Kubernetes (Volcano) scheduler with the completion and checks above."""
+
+    def _run_opts(self) -> runopts:
+        opts = runopts()
+        opts.add("namespace", type_=str, default=DEFAULTS["namespace"], help="Kubernetes namespace of the job")
+        opts.add("queue", type_=str, default=DEFAULTS["queue"], help="Volcano queue of the job")
+        opts.add("service_account", type_=str, default=DEFAULTS["service_account"],
+                 help="the pods' service account (IRSA / workload identity for object storage)")
+        opts.add("priority_class", type_=str, help="PriorityClass of the job (k8s/ defines barlow-training)")
+        opts.add("tolerations", type_=List[str],
+                 help="taints the pods tolerate, key[=value]:Effect or key[:value]:Effect, separated by ; "
+                 "(nvidia.com/gpu:NoSchedule is added for GPU jobs)")
+        opts.add("node_selector", type_=Dict[str, str], help="node labels the pods need, label:value;label:value")
+        opts.add("image_pull_secrets", type_=List[str], help="Secrets to pull the image with, separated by ;")
+        opts.add("credentials_secret", type_=str,
+                 help="Secret whose keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...) become the workers' "
+                 "environment; leave unset with IRSA")
+        return opts
+
+    def build_workspace_and_update_role(self, role: Role, workspace: str, cfg: Any) -> None:
+        check_for_kubernetes(AppDef(name="check", roles=[role]))  # before minutes of image building
+        super().build_workspace_and_update_role(role, workspace, cfg)
+
+    def _submit_dryrun(self, app: AppDef, cfg: Any) -> AppDryRunInfo:
+        check_for_kubernetes(app)
+        info = super()._submit_dryrun(app, cfg)
+        info.request.resource = complete_volcano_job(to_plain_objects(info.request.resource), app, cfg)
+        return info
+
+
+def create_scheduler(session_name: str, **kwargs: Any) -> BarlowKubernetesScheduler:
+    return BarlowKubernetesScheduler(session_name=session_name, client=kwargs.get("client"),
+                                     docker_client=kwargs.get("docker_client"))
