@@ -65,6 +65,7 @@ def train(
     memMB: Optional[int] = None,
     shmMB: Optional[int] = None,
     max_restarts: int = 3,
+    max_retries: int = 3,
     rdzv_port: int = 29500,
     env: Optional[Dict[str, str]] = None,
     mounts: Optional[List[str]] = None,
@@ -84,13 +85,14 @@ def train(
         memMB: memory per node in MiB; default: 80 GiB per GPU, or 4 GiB per CPU worker
         shmMB: /dev/shm size per node in MiB (part of memMB); default: 8 GiB per GPU, or 1 GiB per CPU worker
         max_restarts: times torchrun restarts the worker group after a failure; each restart resumes from the last checkpoint
+        max_retries: times the scheduler recreates the whole job after a pod fails or its node is lost (Volcano RestartJob); each resumes from the last checkpoint
         rdzv_port: port of the c10d rendezvous on the first node
         env: extra environment variables, e.g. AWS_REGION=us-east-1 (no credentials: see the README)
         mounts: volumes, e.g. type=volume,src=imagenet,dst=/data/imagenet,readonly
         name: job name
     """
     return _torchrun_job("train", spec, overrides, image, nnodes, nproc_per_node, h, gpu, cpu, memMB, shmMB,
-                         max_restarts, rdzv_port, env, mounts, name, role="trainer")
+                         max_restarts, max_retries, rdzv_port, env, mounts, name, role="trainer")
 
 
 def evaluate(
@@ -105,6 +107,7 @@ def evaluate(
     memMB: Optional[int] = None,
     shmMB: Optional[int] = None,
     max_restarts: int = 3,
+    max_retries: int = 3,
     rdzv_port: int = 29500,
     env: Optional[Dict[str, str]] = None,
     mounts: Optional[List[str]] = None,
@@ -124,13 +127,14 @@ def evaluate(
         memMB: memory per node in MiB; default: 80 GiB per GPU, or 4 GiB per CPU worker
         shmMB: /dev/shm size per node in MiB (part of memMB); default: 8 GiB per GPU, or 1 GiB per CPU worker
         max_restarts: times torchrun restarts the worker group after a failure; each restart resumes from the last checkpoint
+        max_retries: times the scheduler recreates the whole job after a pod fails or its node is lost (Volcano RestartJob); each resumes from the last checkpoint
         rdzv_port: port of the c10d rendezvous on the first node
         env: extra environment variables, e.g. AWS_REGION=us-east-1 (no credentials: see the README)
         mounts: volumes, e.g. type=volume,src=imagenet,dst=/data/imagenet,readonly
         name: job name
     """
     return _torchrun_job("evaluate", spec, overrides, image, nnodes, nproc_per_node, h, gpu, cpu, memMB, shmMB,
-                         max_restarts, rdzv_port, env, mounts, name, role="evaluator")
+                         max_restarts, max_retries, rdzv_port, env, mounts, name, role="evaluator")
 
 
 def _refuse_credentials(overrides: tuple, env: Optional[Dict[str, str]]) -> None:
@@ -199,11 +203,13 @@ def node_resource(h: Optional[str], gpu: int, cpu: Optional[int], memMB: Optiona
 
 def _torchrun_job(subcommand: str, spec: str, overrides: tuple, image: str, nnodes: str,
                   nproc_per_node: Union[int, str, None], h: Optional[str], gpu: int, cpu: Union[int, str, None],
-                  memMB: Union[int, str, None], shmMB: Union[int, str, None], max_restarts: int, rdzv_port: int,
+                  memMB: Union[int, str, None], shmMB: Union[int, str, None], max_restarts: int, max_retries: int,
+                  rdzv_port: int,
                   env: Optional[Dict[str, str]], mounts: Optional[List[str]], name: str, role: str) -> specs.AppDef:
     """`barlow <subcommand> <spec>` as an elastic torchrun job: what train and evaluate share."""
     low, high = parse_nnodes(nnodes)
     _count(max_restarts, "max_restarts")
+    _count(max_retries, "max_retries")
     _count(gpu, "gpu")
     _count(rdzv_port, "rdzv_port", least=1)
     if not IMAGE_REFERENCE.fullmatch(image or ""):
@@ -254,6 +260,9 @@ def _torchrun_job(subcommand: str, spec: str, overrides: tuple, image: str, nnod
                 env={"PYTHONUNBUFFERED": "1", "LOGLEVEL": "WARNING", **(env or {}), **job_spec.env},
                 port_map={"c10d": rdzv_port},
                 mounts=parsed_mounts,
+                # a lost pod restarts the whole job: a fixed-size rendezvous cannot continue without it
+                max_retries=max_retries,
+                retry_policy=specs.RetryPolicy.APPLICATION,
                 metadata=metadata,
             )
         ],

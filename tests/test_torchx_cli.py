@@ -90,6 +90,7 @@ EVERY_ARGUMENT = {
     "memMB": ["--memMB", "300000"],
     "shmMB": ["--shmMB", "20000"],
     "max_restarts": ["--max_restarts", "7"],
+    "max_retries": ["--max_retries", "2"],
     "rdzv_port": ["--rdzv_port", "29611"],
     "env": ["--env", "AWS_REGION=eu-west-1,NCCL_DEBUG=INFO"],
     "mounts": ["--mounts", "type=volume,src=imagenet,dst=/data/imagenet,readonly"],
@@ -112,11 +113,13 @@ def test_every_argument_through_the_torchx_cli(component):
     job = torchx_job(component, "--spec", spec, *arguments, *overrides)
     validate_volcano(job)
     assert job["metadata"]["name"].startswith("bt-cli-")
+    assert job["spec"]["maxRetry"] == 2
     tasks = job["spec"]["tasks"]
     assert [t.get("minAvailable") for t in tasks] == [1, 1, 0]  # 2:3 nodes
     for index, (task, container) in enumerate(zip(tasks, containers(job))):
         pod = task["template"]["spec"]
         validate_core(template_as_pod(task["template"]))
+        assert task["maxRetry"] == 2 and {"event": "PodFailed", "action": "RestartJob"} in task["policies"]
         torchrun = torchrun_arguments(container)
         assert (torchrun.nnodes, torchrun.nproc_per_node, torchrun.max_restarts) == ("2:3", "4", 7)
         assert torchrun.rdzv_backend == "c10d" and torchrun.rdzv_id == job["metadata"]["name"]

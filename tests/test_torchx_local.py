@@ -45,10 +45,18 @@ def finish(process: subprocess.Popen) -> str:
 
 
 def workers_of(output: Path) -> list[int]:
-    """PIDs of the training workers (not the torchrun agent) of the run writing to `output`."""
-    listing = subprocess.run(["pgrep", "-f", "--", f"-u -m service train .*run.output={output}"], capture_output=True,
-                             text=True).stdout.split()
-    return [int(pid) for pid in listing]
+    """PIDs of the training workers (not the torchrun agent) of the run writing to `output`: the job carries its
+    spec in the environment (BARLOW_SPEC), and torchrun gives each worker a LOCAL_RANK."""
+    workers = []
+    for entry in Path("/proc").iterdir():
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        variables = dict(item.partition(b"=")[::2] for item in environ if item)
+        if b"LOCAL_RANK" in variables and f"output: {output}\n".encode() in variables.get(b"BARLOW_SPEC", b""):
+            workers.append(int(entry.name))
+    return sorted(workers)
 
 
 def kill_a_worker_after_a_mid_epoch_checkpoint(output: Path, process: subprocess.Popen) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import posixpath
+import warnings
 from typing import Any, Dict, List
 
 from torchx.specs import AppDef, AppDryRunInfo, Role, runopts
@@ -146,9 +147,25 @@ class BarlowKubernetesScheduler(KubernetesScheduler):
 
     def _submit_dryrun(self, app: AppDef, cfg: Any) -> AppDryRunInfo:
         check_for_kubernetes(app)
-        info = super()._submit_dryrun(app, cfg)
+        with warnings.catch_warnings():
+            # torchx warns of a Volcano 1.4 retry bug for every role with retries; Volcano >= 1.6 is required here
+            warnings.filterwarnings("ignore", message=r"\s*Role .* configured with restarts")
+            info = super()._submit_dryrun(app, cfg)
         info.request.resource = complete_volcano_job(to_plain_objects(info.request.resource), app, cfg)
         return info
+
+    def schedule(self, dryrun_info: AppDryRunInfo) -> str:
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        try:
+            return super().schedule(dryrun_info)
+        except (ApiException, HTTPError) as error:
+            detail = getattr(error, "reason", None) or str(error).strip().splitlines()[0][:200]
+            raise SubmissionError(
+                f"the job was not created: the Kubernetes API refused or could not be reached ({detail}); check "
+                "kubectl's context ($KUBECONFIG or ~/.kube/config) and that it may create Volcano jobs in namespace "
+                f"{run_option(dryrun_info._cfg, 'namespace', DEFAULTS['namespace'])}") from None
 
 
 def create_scheduler(session_name: str, **kwargs: Any) -> BarlowKubernetesScheduler:
