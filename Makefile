@@ -56,10 +56,12 @@ image-local: image-base
 image-base:
 	docker/base-image.sh $(LOCAL_BASE)
 
-## container-tools: podman, runc and debootstrap from Debian, where neither Docker nor podman is installed (root)
+## container-tools: podman, runc, debootstrap and an image registry (docker-registry) from Debian, for the container
+## tests where they are missing (root)
 container-tools:
-	@if docker/engine.sh name >/dev/null 2>&1 && command -v debootstrap >/dev/null; then echo "container tools present"; \
-	else apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap >/dev/null; fi
+	@if docker/engine.sh name >/dev/null 2>&1 && command -v debootstrap >/dev/null && command -v docker-registry >/dev/null; \
+	then echo "container tools present"; \
+	else apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap docker-registry >/dev/null; fi
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

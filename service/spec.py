@@ -269,7 +269,7 @@ class StorageSpec(_Section):
 CREDENTIALS_ADVICE = (
     "credentials never go in the spec (it is printed, and recorded in spec.yaml and every checkpoint); remove it and "
     "use environment variables (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY), AWS_PROFILE or storage.profile, web "
-    "identity (IRSA), or a Kubernetes Secret mounted as environment (barlow submit --s3-secret)"
+    "identity (IRSA), or a Kubernetes Secret mounted as environment (run option credentials_secret)"
 )
 
 

@@ -28,8 +28,9 @@ def free_port() -> int:
 class S3Server:
     """Start, stop and restart a moto server; its buckets live only as long as the process."""
 
-    def __init__(self, port: int | None = None, enforce_auth: bool = False):
+    def __init__(self, port: int | None = None, enforce_auth: bool = False, host: str = "127.0.0.1"):
         self.port = port or free_port()
+        self.host = host  # 0.0.0.0 for containers on a bridge network (they cannot reach the host's loopback)
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
         self.enforce_auth = enforce_auth
         self.process: subprocess.Popen | None = None
@@ -39,7 +40,7 @@ class S3Server:
         env = {**os.environ, **TEST_CREDENTIALS}
         if self.enforce_auth:
             env["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"  # every request must carry credentials moto knows
-        self.process = subprocess.Popen([executable, "-H", "127.0.0.1", "-p", str(self.port)], env=env,
+        self.process = subprocess.Popen([executable, "-H", self.host, "-p", str(self.port)], env=env,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

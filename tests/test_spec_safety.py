@@ -236,7 +236,7 @@ def test_credentials_in_storage_options_are_refused_at_any_depth_without_echo(tm
     message = str(caught.value)
     assert f"  {where}: is a credential" in message and SECRET not in message
     assert "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY" in message and "storage.profile" in message
-    assert "IRSA" in message and "--s3-secret" in message
+    assert "IRSA" in message and "credentials_secret" in message
 
 
 def test_ordinary_storage_options_pass():
