@@ -150,6 +150,7 @@ def _run_options(args: argparse.Namespace) -> dict:
 
 def _submit(args: argparse.Namespace) -> int:
     from service.launch.submit import component_for, dryrun, stream_logs
+    from service.launch.torchx_api import dryrun_app
 
     source = args.spec.removeprefix("image:")
     component = component_for(spec_kind(source, args.overrides).__name__)
@@ -171,7 +172,7 @@ def _submit(args: argparse.Namespace) -> int:
     print(handle, flush=True)
     if args.scheduler == "kubernetes":
         return 0
-    stream_logs(session, handle, role=info._app.roles[0].name)
+    stream_logs(session, handle, role=dryrun_app(info).roles[0].name)
     status = session.wait(handle, wait_interval=1)
     print(f"{handle}: {status.state.name if status else 'UNKNOWN'}")
     return 0 if status and status.state.name == "SUCCEEDED" else 1

@@ -16,7 +16,7 @@ from components.barlowtwins import IMAGE_REFERENCE, evaluate, parse_nnodes, trai
 from service.launch.scheduler import BarlowKubernetesScheduler, complete_volcano_job, parse_toleration
 from service.launch.torchx_api import SubmissionError, run_option
 from service.spec import TrainSpec, load_spec, spec_digest
-from tests.k8s_schemas import checkov_failures, template_as_pod, validate_core, validate_volcano
+from tests.k8s_schemas import template_as_pod, validate_core, validate_volcano
 
 COMPONENT = "components/barlowtwins.py"
 ROOT = Path(__file__).resolve().parents[1]
@@ -264,27 +264,3 @@ def test_strict_validation_catches_a_broken_completion():
     job["spec"]["tasks"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"] = "lots"
     with pytest.raises(AssertionError):
         validate_volcano(job)
-
-
-# checkov's findings that do not apply to a batch training job, each with the reason
-CHECKOV_SKIPS = {
-    "CKV_K8S_8": "liveness probe: a training worker is a batch process; torchrun's agent watches its workers",
-    "CKV_K8S_9": "readiness probe: the pods serve no traffic",
-    "CKV_K8S_43": "image digest: the image is a parameter of the job; pin a digest with --image REPO@sha256:...",
-    "CKV_K8S_14": "image tag: the default tag is a placeholder, the job's image is a parameter",
-    "CKV_K8S_40": "high UID: the training image's user is 1000, as the Dockerfile sets it",
-    "CKV_K8S_35": "secrets as files: the AWS credential chain reads these variables; IRSA needs no secret at all",
-}
-
-
-@pytest.mark.slow
-def test_rendered_pod_templates_pass_checkov():
-    _, job = rendered("2:4", credentials_secret="barlow-s3-credentials")
-    pods = []
-    for task in job["spec"]["tasks"]:
-        pod = template_as_pod(task["template"])
-        pod["metadata"]["namespace"] = "barlow"
-        pods.append(pod)
-    policy = yaml.safe_load((ROOT / "k8s" / "networkpolicy-training.yaml").read_text())
-    failures = checkov_failures([*pods, policy], skip={})
-    assert sorted(set(failures) - set(CHECKOV_SKIPS)) == []

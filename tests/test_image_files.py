@@ -76,3 +76,15 @@ def test_dockerignore_admits_what_the_dockerfile_copies():
     from service.launch.scheduler import RUN_AS_USER
 
     assert int(uid) == RUN_AS_USER, "the pod's runAsUser must be the image's user"
+
+
+def test_a_torchx_workspace_carries_the_code_the_pods_run():
+    """`torchx run --workspace .` copies what .dockerignore admits, read by torchx's own walker (not Docker's)."""
+    import fsspec
+    from torchx.workspace.api import walk_workspace
+
+    copied = {str(Path(folder, name).relative_to(ROOT)) for folder, _, files in
+              walk_workspace(fsspec.filesystem("file"), str(ROOT), ".dockerignore") for name in files}
+    assert {"service/__init__.py", "service/launch/scheduler.py", "components/barlowtwins.py",
+            "specs/digits.yaml"} <= copied
+    assert not any("__pycache__" in path or path.startswith(("tests/", ".git/", ".venv/")) for path in copied)

@@ -36,3 +36,12 @@ def test_readme_make_targets_exist():
 def test_every_ready_spec_is_listed():
     for spec in (ROOT / "specs").glob("*.yaml"):
         assert f"`{spec.name}`" in README, spec.name
+
+
+def test_every_run_option_of_the_kubernetes_scheduler_is_documented():
+    from torchx.schedulers import get_scheduler_factories
+
+    options = {name for name, _ in get_scheduler_factories()["kubernetes"](session_name="readme").run_opts()}
+    section = README.split("Run options of the `kubernetes` scheduler")[1].split("\n\n", 2)[1]
+    documented = {name for row in section.splitlines()[2:] for name in re.findall(r"`([a-z_]+)`", row.split("|")[1])}
+    assert documented == options

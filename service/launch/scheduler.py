@@ -24,7 +24,14 @@ from typing import Any, Dict, List
 from torchx.specs import AppDef, AppDryRunInfo, Role, runopts
 
 from components.resources import MOUNTS_METADATA, RUN_OUTPUT_METADATA, SHM_CAPABILITY, WORKERS_METADATA
-from service.launch.torchx_api import KubernetesScheduler, SubmissionError, run_option, to_plain_objects
+from service.launch.torchx_api import (
+    KubernetesScheduler,
+    SubmissionError,
+    dryrun_cfg,
+    images_to_push,
+    run_option,
+    to_plain_objects,
+)
 
 RUN_AS_USER = 1000  # the training image's non-root user
 EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
@@ -158,6 +165,15 @@ class BarlowKubernetesScheduler(KubernetesScheduler):
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError
 
+        cfg, images = dryrun_cfg(dryrun_info), images_to_push(dryrun_info)
+        try:  # first, apart: a failed push and an unreachable cluster need different fixes
+            self.push_images(images)
+        except Exception as error:  # the registry or the Docker API: nothing was created
+            detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+            raise SubmissionError(
+                f"the job was not created: pushing the workspace image to {run_option(cfg, 'image_repo')} failed "
+                f"({detail}); check image_repo and that `docker push` to it works") from None
+        images.clear()
         try:
             return super().schedule(dryrun_info)
         except (ApiException, HTTPError) as error:
@@ -165,7 +181,7 @@ class BarlowKubernetesScheduler(KubernetesScheduler):
             raise SubmissionError(
                 f"the job was not created: the Kubernetes API refused or could not be reached ({detail}); check "
                 "kubectl's context ($KUBECONFIG or ~/.kube/config) and that it may create Volcano jobs in namespace "
-                f"{run_option(dryrun_info._cfg, 'namespace', DEFAULTS['namespace'])}") from None
+                f"{run_option(cfg, 'namespace', DEFAULTS['namespace'])}") from None
 
 
 def create_scheduler(session_name: str, **kwargs: Any) -> BarlowKubernetesScheduler:

@@ -14,12 +14,50 @@ from typing import Any
 
 from torchx.runner.config import apply as _apply_torchxconfig
 from torchx.runner.config import load_sections as _load_sections
-from torchx.schedulers.kubernetes_scheduler import KubernetesScheduler
+from torchx.schedulers.kubernetes_scheduler import KubernetesScheduler as _KubernetesScheduler
 from torchx.schedulers.kubernetes_scheduler import sanitize_for_serialization as _sanitize_for_serialization
 from torchx.specs.finder import ComponentValidationException
 
-__all__ = ["KubernetesScheduler", "SubmissionError", "apply_torchxconfig", "component_defaults", "run_option",
-           "to_plain_objects"]
+__all__ = ["KubernetesScheduler", "SubmissionError", "apply_torchxconfig", "component_defaults", "dryrun_app",
+           "dryrun_cfg", "images_to_push", "run_option", "to_plain_objects"]
+
+
+# Between two events of a push stream: the first push of the training image uploads ~6 GB of layers, gzipped on
+# the submitting machine, and docker-py's default (60 s) ends it midway.
+IMAGE_PUSH_TIMEOUT_S = 3600
+
+
+class KubernetesScheduler(_KubernetesScheduler):
+    """torchx's Kubernetes scheduler with its workspace images' Docker client made here: torchx 0.7.0's
+    DockerWorkspaceMixin reads the internal `_docker_client` property and gives it no timeout setting."""
+
+    def __init__(self, session_name: str, client: Any = None, docker_client: Any = None) -> None:
+        super().__init__(session_name, client=client, docker_client=docker_client)
+        self._images_client = docker_client
+
+    @property
+    def _docker_client(self) -> Any:
+        if self._images_client is None:
+            import docker
+
+            self._images_client = docker.from_env(timeout=IMAGE_PUSH_TIMEOUT_S)
+        return self._images_client
+
+
+def images_to_push(dryrun_info: Any) -> dict:
+    """The workspace images a Kubernetes dry run will push: {local image: (repository, tag)}; schedule pushes
+    what is left in it."""
+    return dryrun_info.request.images_to_push
+
+
+def dryrun_cfg(dryrun_info: Any) -> Any:
+    """The resolved run options a dry run was made with."""
+    return dryrun_info._cfg
+
+
+def dryrun_app(dryrun_info: Any) -> Any:
+    """The AppDef a dry run was made of (its roles as the scheduler got them)."""
+    return dryrun_info._app
 
 
 class SubmissionError(ComponentValidationException, ValueError):

@@ -10,7 +10,6 @@ here, outside any container, and equals the backbone of its last checkpoint.
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 import uuid
 
