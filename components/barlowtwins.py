@@ -74,7 +74,8 @@ def train(
     """Barlow Twins pretraining as an elastic torchrun job: one worker per GPU (or nproc_per_node CPU workers).
 
     Args:
-        spec: the job spec: a file here or an fsspec URL (s3://bucket/specs/x.yaml), read, overridden and validated at submission and shipped inside the job; or image:PATH, a spec inside the image
+        spec: the job spec: a file here or an fsspec URL (s3://bucket/specs/x.yaml), read, overridden
+            and validated at submission and shipped inside the job; or image:PATH, a spec inside the image
         overrides: spec overrides, section.field=value (e.g. run.output=s3://bucket/runs/x optim.epochs=100)
         image: the training image (ignored by local_cwd)
         nnodes: number of nodes N, or MIN:MAX for an elastic job that continues on fewer nodes
@@ -84,8 +85,10 @@ def train(
         cpu: CPUs per node; default: 10 per GPU, or 2 per CPU worker
         memMB: memory per node in MiB; default: 80 GiB per GPU, or 4 GiB per CPU worker
         shmMB: /dev/shm size per node in MiB (part of memMB); default: 8 GiB per GPU, or 1 GiB per CPU worker
-        max_restarts: times torchrun restarts the worker group after a failure; each restart resumes from the last checkpoint
-        max_retries: times the scheduler recreates the whole job after a pod fails or its node is lost (Volcano RestartJob); each resumes from the last checkpoint
+        max_restarts: times torchrun restarts the worker group after a failure; each restart resumes from the
+            last checkpoint
+        max_retries: times the scheduler recreates the whole job after a pod fails or its node is lost (Volcano
+            RestartJob); each resumes from the last checkpoint
         rdzv_port: port of the c10d rendezvous on the first node
         env: extra environment variables, e.g. AWS_REGION=us-east-1 (no credentials: see the README)
         mounts: volumes, e.g. type=volume,src=imagenet,dst=/data/imagenet,readonly
@@ -116,7 +119,8 @@ def evaluate(
     """Evaluation of a pretrained backbone (linear probe, finetune, kNN) as a torchrun job, like training.
 
     Args:
-        spec: the evaluation spec: a file here or an fsspec URL (s3://bucket/specs/x.yaml), read, overridden and validated at submission and shipped inside the job; or image:PATH, a spec inside the image
+        spec: the evaluation spec: a file here or an fsspec URL (s3://bucket/specs/x.yaml), read, overridden
+            and validated at submission and shipped inside the job; or image:PATH, a spec inside the image
         overrides: spec overrides, section.field=value (e.g. backbone.weights=s3://bucket/runs/x eval.mode=finetune)
         image: the training image (ignored by local_cwd)
         nnodes: number of nodes N, or MIN:MAX for an elastic job that continues on fewer nodes
@@ -126,8 +130,10 @@ def evaluate(
         cpu: CPUs per node; default: 10 per GPU, or 2 per CPU worker
         memMB: memory per node in MiB; default: 80 GiB per GPU, or 4 GiB per CPU worker
         shmMB: /dev/shm size per node in MiB (part of memMB); default: 8 GiB per GPU, or 1 GiB per CPU worker
-        max_restarts: times torchrun restarts the worker group after a failure; each restart resumes from the last checkpoint
-        max_retries: times the scheduler recreates the whole job after a pod fails or its node is lost (Volcano RestartJob); each resumes from the last checkpoint
+        max_restarts: times torchrun restarts the worker group after a failure; each restart resumes from the
+            last checkpoint
+        max_retries: times the scheduler recreates the whole job after a pod fails or its node is lost (Volcano
+            RestartJob); each resumes from the last checkpoint
         rdzv_port: port of the c10d rendezvous on the first node
         env: extra environment variables, e.g. AWS_REGION=us-east-1 (no credentials: see the README)
         mounts: volumes, e.g. type=volume,src=imagenet,dst=/data/imagenet,readonly

@@ -75,7 +75,7 @@ def run_option(cfg: Mapping[str, Any] | Any, name: str, default: Any = None) -> 
 
 
 def to_plain_objects(resource: object) -> Any:
-    """The Kubernetes client's models (V1Pod, ...) inside a rendered job as plain dicts and lists, as the API gets them."""
+    """The Kubernetes client's models (V1Pod, ...) in a rendered job as plain dicts and lists, as the API gets them."""
     return _sanitize_for_serialization(resource)
 
 

@@ -64,7 +64,8 @@ def pods(job: dict, network: str, secrets: dict[str, dict[str, str]], max_cpus: 
         assert set(spec) <= POD_FIELDS, f"pod fields not translated: {set(spec) - POD_FIELDS}"
         assert spec["restartPolicy"] == "Never"
         (container,) = spec["containers"]
-        assert set(container) <= CONTAINER_FIELDS, f"container fields not translated: {set(container) - CONTAINER_FIELDS}"
+        untranslated = set(container) - CONTAINER_FIELDS
+        assert not untranslated, f"container fields not translated: {untranslated}"
         arguments = ["-d", "--name", pod_name, "--hostname", pod_name, "--network", network,
                      "--network-alias", f"{pod_name}.{job_name}", "--restart", "no"]
         arguments += _security(spec.get("securityContext", {}), container.get("securityContext", {}))
