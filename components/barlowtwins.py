@@ -210,8 +210,8 @@ def node_resource(h: Optional[str], gpu: int, cpu: Optional[int], memMB: Optiona
 def _torchrun_job(subcommand: str, spec: str, overrides: tuple, image: str, nnodes: str,
                   nproc_per_node: Union[int, str, None], h: Optional[str], gpu: int, cpu: Union[int, str, None],
                   memMB: Union[int, str, None], shmMB: Union[int, str, None], max_restarts: int, max_retries: int,
-                  rdzv_port: int,
-                  env: Optional[Dict[str, str]], mounts: Optional[List[str]], name: str, role: str) -> specs.AppDef:
+                  rdzv_port: int, env: Optional[Dict[str, str]], mounts: Optional[List[str]], name: str,
+                  role: str) -> specs.AppDef:
     """`barlow <subcommand> <spec>` as an elastic torchrun job: what train and evaluate share."""
     low, high = parse_nnodes(nnodes)
     _count(max_restarts, "max_restarts")
