@@ -222,6 +222,11 @@ def _torchrun_job(subcommand: str, spec: str, overrides: tuple, image: str, nnod
         raise SubmissionError(f"image {image!r} is not an image reference: [REGISTRY[:PORT]/]NAME[:TAG][@sha256:...], "
                               "e.g. registry.example.com/barlow/trainer:1.0")
     _refuse_credentials(overrides, env)
+    try:
+        parsed_mounts = specs.parse_mounts(mounts) if mounts else []
+    except (KeyError, ValueError, TypeError) as error:
+        raise SubmissionError(f"mounts {','.join(mounts)!r}: {error}; e.g. type=volume,src=CLAIM,dst=/data,readonly "
+                              "or type=bind,src=/host/path,dst=/data") from None
     resource, shm, nproc = node_resource(h, gpu, _count(cpu, "cpu", 1), _count(memMB, "memMB", 1),
                                          _count(shmMB, "shmMB", 1), _count(nproc_per_node, "nproc_per_node", 1))
     kind = EvaluateSpec if subcommand == "evaluate" else TrainSpec
@@ -246,7 +251,6 @@ def _torchrun_job(subcommand: str, spec: str, overrides: tuple, image: str, nnod
     ]
     for override in job_spec.overrides:
         command += ["--set", override]
-    parsed_mounts = specs.parse_mounts(mounts) if mounts else []
     metadata = {SHM_CAPABILITY: shm, WORKERS_METADATA: nproc,
                 MOUNTS_METADATA: [mount.dst_path for mount in parsed_mounts]}
     if job_spec.run_output:
@@ -266,7 +270,7 @@ def _torchrun_job(subcommand: str, spec: str, overrides: tuple, image: str, nnod
                 env={"PYTHONUNBUFFERED": "1", "LOGLEVEL": "WARNING", **(env or {}), **job_spec.env},
                 port_map={"c10d": rdzv_port},
                 mounts=parsed_mounts,
-                # a lost pod restarts the whole job: a fixed-size rendezvous cannot continue without it
+                # a lost pod is replaced and the job resumes from its checkpoint (see the kubernetes scheduler)
                 max_retries=max_retries,
                 retry_policy=specs.RetryPolicy.APPLICATION,
                 metadata=metadata,

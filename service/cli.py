@@ -96,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     job.add_argument("--mem-mb", help="memory per node, MiB")
     job.add_argument("--shm-mb", help="/dev/shm per node, MiB")
     job.add_argument("--max-restarts", help="worker-group restarts after a failure")
+    job.add_argument("--max-retries", help="times Volcano recreates the job (or an elastic job's lost pod)")
     job.add_argument("--rdzv-port", help="port of the c10d rendezvous on the first node")
     job.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable")
     job.add_argument("--mount", action="append", default=[],
@@ -128,13 +129,23 @@ def _key_values(items: list[str], what: str) -> dict[str, str]:
     return pairs
 
 
+# the components' arguments (barlowtwins.train / .evaluate) and the barlow submit options that give them
+COMPONENT_ARGUMENTS = {"spec": "spec", "overrides": "overrides", "image": "image", "nnodes": "nnodes",
+                       "nproc_per_node": "nproc_per_node", "h": "named_resource", "gpu": "gpu", "cpu": "cpu",
+                       "memMB": "mem_mb", "shmMB": "shm_mb", "max_restarts": "max_restarts",
+                       "max_retries": "max_retries", "rdzv_port": "rdzv_port", "env": "env", "mounts": "mount",
+                       "name": "name"}
+
+
 def _component_arguments(args: argparse.Namespace) -> list[str]:
-    """barlow submit's flags as the torchx CLI hands them to the component: strings, only those given."""
-    named = {"spec": args.spec, "image": args.image, "nnodes": args.nnodes, "nproc_per_node": args.nproc_per_node,
-             "h": args.named_resource, "gpu": args.gpu, "cpu": args.cpu, "memMB": args.mem_mb, "shmMB": args.shm_mb,
-             "max_restarts": args.max_restarts, "rdzv_port": args.rdzv_port, "name": args.name,
-             "env": ",".join(args.env) or None, "mounts": ",".join(args.mount) or None}
-    arguments = [part for key, value in named.items() if value is not None for part in (f"--{key}", value)]
+    """barlow submit's options as the torchx CLI hands them to the component: strings, only those given."""
+    arguments = []
+    for parameter, option in COMPONENT_ARGUMENTS.items():
+        value = getattr(args, option)
+        if parameter in ("env", "mounts"):
+            value = ",".join(value) or None
+        if parameter != "overrides" and value is not None:
+            arguments += [f"--{parameter}", value]
     return arguments + list(args.overrides)
 
 

@@ -241,6 +241,11 @@ def test_bad_toleration_is_rejected(text):
         parse_toleration(text)
 
 
+def test_bad_mounts_are_refused_clearly():
+    with pytest.raises(SubmissionError, match="mounts 'type=volume,dst=/data'"):
+        train("specs/digits.yaml", mounts=["type=volume", "dst=/data"])
+
+
 def test_device_mounts_are_refused_on_kubernetes():
     app = train("specs/digits.yaml", "run.output=s3://b/r", mounts=["type=device", "src=/dev/fuse"])
     with pytest.raises(SubmissionError, match="privileged"):

@@ -106,6 +106,14 @@ def test_every_argument_is_covered_here(component):
     assert set(inspect.signature(component).parameters) == set(EVERY_ARGUMENT)
 
 
+def test_barlow_submit_has_an_option_for_every_argument():
+    from service.cli import COMPONENT_ARGUMENTS, _parser
+
+    submit = _parser().parse_args(["submit", "s.yaml", "--scheduler", "kubernetes"])
+    assert set(COMPONENT_ARGUMENTS) == set(EVERY_ARGUMENT)
+    assert all(hasattr(submit, option) for option in COMPONENT_ARGUMENTS.values())
+
+
 @pytest.mark.parametrize("component", list(SPECS))
 def test_every_argument_through_the_torchx_cli(component):
     spec, kind, overrides = SPECS[component]
@@ -119,7 +127,8 @@ def test_every_argument_through_the_torchx_cli(component):
     for index, (task, container) in enumerate(zip(tasks, containers(job))):
         pod = task["template"]["spec"]
         validate_core(template_as_pod(task["template"]))
-        assert task["maxRetry"] == 2 and {"event": "PodFailed", "action": "RestartJob"} in task["policies"]
+        # elastic (2:3): only a lost pod is recreated; the others go on
+        assert task["maxRetry"] == 2 and {"event": "PodFailed", "action": "RestartTask"} in task["policies"]
         torchrun = torchrun_arguments(container)
         assert (torchrun.nnodes, torchrun.nproc_per_node, torchrun.max_restarts) == ("2:3", "4", 7)
         assert torchrun.rdzv_backend == "c10d" and torchrun.rdzv_id == job["metadata"]["name"]
@@ -152,6 +161,9 @@ def test_a_named_resource_through_the_torchx_cli(component):
                                                     "nvidia.com/gpu": "8"}
         assert torchrun_arguments(container).nproc_per_node == "8"
         assert volume_of(task["template"]["spec"], "/dev/shm")["emptyDir"]["sizeLimit"] == f"{128 * 1024}Mi"
+        # a fixed-size job cannot go on without a lost pod: Volcano recreates the whole job
+        assert task["maxRetry"] == 3 and task["policies"] == [{"event": "PodEvicted", "action": "RestartJob"},
+                                                              {"event": "PodFailed", "action": "RestartJob"}]
 
 
 def normalised(job: dict) -> dict:
@@ -161,12 +173,14 @@ def normalised(job: dict) -> dict:
 
 
 @pytest.mark.parametrize("torchx_arguments, barlow_arguments", [
-    (["--nnodes", "2:4", "--nproc_per_node", "8", "--gpu", "8", "--max_restarts", "5",
+    (["--nnodes", "2:4", "--nproc_per_node", "8", "--gpu", "8", "--max_restarts", "5", "--max_retries", "1",
       "--env", "AWS_REGION=eu-west-1", "--mounts", "type=volume,src=imagenet,dst=/data/imagenet,readonly"],
-     ["--nnodes", "2:4", "--nproc-per-node", "8", "--gpu", "8", "--max-restarts", "5",
+     ["--nnodes", "2:4", "--nproc-per-node", "8", "--gpu", "8", "--max-restarts", "5", "--max-retries", "1",
       "--env", "AWS_REGION=eu-west-1", "--mount", "type=volume,src=imagenet,dst=/data/imagenet,readonly"]),
-    (["--h", "gpu_8xa100", "--nnodes", "3", "--image", "r/bt:1"],
-     ["--h", "gpu_8xa100", "--nnodes", "3", "--image", "r/bt:1"]),
+    (["--h", "gpu_8xa100", "--nnodes", "3", "--image", "r/bt:1", "--cpu", "80", "--memMB", "500000",
+      "--shmMB", "60000", "--rdzv_port", "29999", "--name", "same"],
+     ["--h", "gpu_8xa100", "--nnodes", "3", "--image", "r/bt:1", "--cpu", "80", "--mem-mb", "500000",
+      "--shm-mb", "60000", "--rdzv-port", "29999", "--name", "same"]),
 ])
 def test_torchx_run_and_barlow_submit_create_the_same_job(torchx_arguments, barlow_arguments):
     overrides = ["optim.epochs=10", "run.output=s3://bucket/runs/x"]

@@ -6,6 +6,7 @@ command users already type), `barlow submit` and the Python Runner all render th
 - memory request = limit, in MiB (torchx writes decimal megabytes and requests 1 GiB less: 0M for small jobs);
 - /dev/shm sized (torchx's emptyDir has no limit, so the data loaders' shared memory is unaccounted for);
 - tolerations, a node selector, image pull secrets and a Secret of storage credentials, as run options;
+- for an elastic role (nnodes MIN:MAX), Volcano's RestartTask on a lost pod instead of RestartJob;
 - for this project's roles, a non-root, read-only security context with a writable /tmp, and no API token.
 Before anything is built or created it refuses what cannot work on a cluster: a run.output on the pod's own disk.
 
@@ -89,6 +90,10 @@ def complete_volcano_job(job: dict, app: AppDef, cfg: Any) -> dict:
             task_tolerations.append({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"})
         if task_tolerations:
             pod["tolerations"] = task_tolerations
+        if task.get("policies") and role.min_replicas is not None and role.min_replicas < role.num_replicas:
+            # elastic: the nodes left go on (torchrun re-forms the rendezvous); only the lost pod is recreated,
+            # and joins at the next rendezvous. A fixed-size job keeps torchx's RestartJob: it cannot go on.
+            task["policies"] = [{"event": event, "action": "RestartTask"} for event in ("PodEvicted", "PodFailed")]
         if run_option(cfg, "node_selector"):
             pod["nodeSelector"] = {**(pod.get("nodeSelector") or {}), **run_option(cfg, "node_selector")}
         if run_option(cfg, "image_pull_secrets"):
