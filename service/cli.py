@@ -164,7 +164,7 @@ def _submit(args: argparse.Namespace) -> int:
     from service.launch.torchx_api import dryrun_app
 
     source = args.spec.removeprefix("image:")
-    component = component_for(spec_kind(source, args.overrides).__name__)
+    component = component_for(spec_kind(source, args.overrides))
     session, info = dryrun(component, _component_arguments(args), args.scheduler, _run_options(args),
                            workspace=args.workspace)
     if args.dryrun:

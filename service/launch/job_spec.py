@@ -33,8 +33,7 @@ IMAGE_PREFIX = "image:"
 class JobSpec:
     argument: str  # the spec argument of the pods' `barlow train|evaluate`
     overrides: list[str]  # the --set arguments the pods get (only for an image: spec; a shipped one has them applied)
-    env: dict[str, str] = field(default_factory=dict)
-    text: str | None = None  # the resolved spec the pods read, when it was resolved here
+    env: dict[str, str] = field(default_factory=dict)  # BARLOW_SPEC and its digest, when it was resolved here
     run_output: str | None = None
 
 
@@ -55,7 +54,7 @@ def resolve_job_spec(spec: str, overrides: list[str], world_size: int, kind: typ
                                                                                                     overrides))
     resolved = _validated(spec, overrides, world_size, kind)
     text = spec_to_yaml(resolved)
-    return JobSpec(argument=SPEC_ENV_PREFIX + SPEC_ENV, overrides=[], text=text, run_output=resolved.run.output,
+    return JobSpec(argument=SPEC_ENV_PREFIX + SPEC_ENV, overrides=[], run_output=resolved.run.output,
                    env={SPEC_ENV: text, f"{SPEC_ENV}_SHA256": spec_digest(text)})
 
 

@@ -13,10 +13,12 @@ from typing import Any
 from torchx.runner import Runner, get_runner
 
 from service.launch.torchx_api import apply_torchxconfig, component_defaults
+from service.spec import EvaluateSpec
 
 
-def component_for(spec_kind_name: str) -> str:
-    return "barlowtwins.evaluate" if spec_kind_name == "EvaluateSpec" else "barlowtwins.train"
+def component_for(kind: type) -> str:
+    """The component that launches a spec of this kind (EvaluateSpec or TrainSpec)."""
+    return "barlowtwins.evaluate" if kind is EvaluateSpec else "barlowtwins.train"
 
 
 def runner() -> Runner:
