@@ -161,7 +161,7 @@ def _run_options(args: argparse.Namespace) -> dict:
 
 def _submit(args: argparse.Namespace) -> int:
     from service.launch.submit import component_for, dryrun, stream_logs
-    from service.launch.torchx_api import dryrun_app
+    from service.launch.torchx_api import SubmissionError, dryrun_app
 
     source = args.spec.removeprefix("image:")
     component = component_for(spec_kind(source, args.overrides))
@@ -174,11 +174,11 @@ def _submit(args: argparse.Namespace) -> int:
         return 0
     try:
         handle = session.schedule(info)
-    except Exception as error:  # the cluster, its API or the registry: the job was not created
+    except SubmissionError:
+        raise  # the scheduler's own message: the registry or the cluster, and what to check
+    except Exception as error:  # anything else on the way: the job was not created
         first_line = (str(error).strip().splitlines() or [""])[0][:300]
-        where = (" (is kubectl's context, $KUBECONFIG or ~/.kube/config, the cluster's, and may it create Volcano "
-                 "jobs there?)" if args.scheduler == "kubernetes" else "")
-        print(f"barlow: the job was not created: {type(error).__name__}: {first_line}{where}", file=sys.stderr)
+        print(f"barlow: the job was not created: {type(error).__name__}: {first_line}", file=sys.stderr)
         return 2
     print(handle, flush=True)
     if args.scheduler == "kubernetes":

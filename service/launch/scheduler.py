@@ -179,14 +179,22 @@ class BarlowKubernetesScheduler(KubernetesScheduler):
                 f"the job was not created: pushing the workspace image to {run_option(cfg, 'image_repo')} failed "
                 f"({detail}); check image_repo and that `docker push` to it works") from None
         images.clear()
-        try:
-            return super().schedule(dryrun_info)
-        except (ApiException, HTTPError) as error:
-            detail = getattr(error, "reason", None) or str(error).strip().splitlines()[0][:200]
-            raise SubmissionError(
-                f"the job was not created: the Kubernetes API refused or could not be reached ({detail}); check "
-                "kubectl's context ($KUBECONFIG or ~/.kube/config) and that it may create Volcano jobs in namespace "
-                f"{run_option(cfg, 'namespace', DEFAULTS['namespace'])}") from None
+        with warnings.catch_warnings(record=True) as caught:  # torchx warns of a kubeconfig it cannot load
+            warnings.simplefilter("always")
+            try:
+                return super().schedule(dryrun_info)
+            except (ApiException, HTTPError) as error:
+                detail = getattr(error, "reason", None) or str(error).strip().splitlines()[0][:200]
+                config = [str(w.message) for w in caught if "kube config" in str(w.message)]
+                raise SubmissionError(
+                    f"the job was not created: the Kubernetes API refused or could not be reached ({detail}"
+                    f"{'; ' + config[0] if config else ''}); check kubectl's context ($KUBECONFIG or "
+                    "~/.kube/config) and that it may create Volcano jobs in namespace "
+                    f"{run_option(cfg, 'namespace', DEFAULTS['namespace'])}") from None
+            finally:
+                for warning in caught:
+                    if "kube config" not in str(warning.message):
+                        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 def create_scheduler(session_name: str, **kwargs: Any) -> BarlowKubernetesScheduler:
