@@ -195,6 +195,8 @@ def test_torchx_run_and_barlow_submit_create_the_same_job(torchx_arguments, barl
     assert normalised(from_torchx) == normalised(from_barlow)
     for job in (from_torchx, from_barlow):
         validate_volcano(job)
+        for task in job["spec"]["tasks"]:
+            validate_core(template_as_pod(task["template"]))
         # .torchxconfig's priority class applies to both, as do the run options given
         assert job["spec"]["priorityClassName"] == "barlow-training" and job["spec"]["queue"] == "barlow"
         pod = job["spec"]["tasks"][0]["template"]["spec"]
