@@ -11,7 +11,7 @@ export OMP_NUM_THREADS ?= 1
 IMAGE ?= barlowtwins-service:latest
 LOCAL_BASE := localhost/debian-python:3.11-bookworm
 
-.PHONY: setup demo train test test-fast clean lock image image-local image-base container-tools
+.PHONY: setup demo train test test-fast lint clean lock image image-local image-base container-tools
 
 # constraints.txt pins the runtime dependencies to what the image ships (make lock regenerates it)
 $(STAMP): pyproject.toml constraints.txt
@@ -29,13 +29,17 @@ demo: train
 train: setup
 	$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m service train $(SPEC)
 
-## test: the whole suite (unit, multi-process, end-to-end)
-test: setup
+## test: the static checks, then the whole suite (unit, multi-process, end-to-end)
+test: lint
 	$(BIN)/python -m pytest
 
-## test-fast: the unit tests only
-test-fast: setup
+## test-fast: the static checks and the unit tests only
+test-fast: lint
 	$(BIN)/python -m pytest -m "not slow"
+
+## lint: ruff (pycodestyle, pyflakes, import order, blind excepts; settings in pyproject.toml) on code, tests, benchmarks
+lint: setup
+	$(BIN)/ruff check .
 
 ## lock: regenerate constraints.txt from pyproject.toml (a fresh venv with the runtime dependencies only)
 lock:

@@ -305,7 +305,8 @@ class CheckpointManager:
             self.failed.append(step)
             log.error("checkpoint at step %d not written: %s", step, error)
             return
-        except (Exception, dcp_io.CheckpointException) as error:  # CheckpointException is a BaseException
+        # any failure of one save is logged and training goes on: the previous checkpoint stays valid
+        except (Exception, dcp_io.CheckpointException) as error:  # noqa: BLE001 (CheckpointException: a BaseException)
             self.failed.append(step)
             log.error("checkpoint at step %d failed, training goes on and the previous checkpoint stays valid: %s",
                       step, explain(url, error))

@@ -176,7 +176,7 @@ def _submit(args: argparse.Namespace) -> int:
         handle = session.schedule(info)
     except SubmissionError:
         raise  # the scheduler's own message: the registry or the cluster, and what to check
-    except Exception as error:  # anything else on the way: the job was not created
+    except Exception as error:  # noqa: BLE001 (anything else on the way: the job was not created)
         first_line = (str(error).strip().splitlines() or [""])[0][:300]
         print(f"barlow: the job was not created: {type(error).__name__}: {first_line}", file=sys.stderr)
         return 2

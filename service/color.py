@@ -138,8 +138,8 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> tor
     kernel = kernel / kernel.sum(dim=1, keepdim=True)  # (B, K)
     batch, channels, height, width = x.shape
     padding = kernel_size // 2
-    y = F.pad(x, (padding, padding, padding, padding), mode="reflect").reshape(1, batch * channels, height + 2 * padding,
-                                                                              width + 2 * padding)
+    y = F.pad(x, (padding, padding, padding, padding), mode="reflect")
+    y = y.reshape(1, batch * channels, height + 2 * padding, width + 2 * padding)
     weights = kernel.repeat_interleave(channels, dim=0)
     y = F.conv2d(y, weights.view(-1, 1, 1, kernel_size), groups=batch * channels)
     y = F.conv2d(y, weights.view(-1, 1, kernel_size, 1), groups=batch * channels)

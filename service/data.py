@@ -96,7 +96,8 @@ class ImageFolder(torchvision.datasets.ImageFolder):
     def __init__(self, root: str, split: str = "train"):
         folder = Path(root) / split
         if not folder.is_dir():
-            raise DataError(f"{folder} is not a folder: data.path must hold a {split}/ folder with one folder per class")
+            raise DataError(f"{folder} is not a folder: data.path must hold a {split}/ folder with one folder per "
+                            "class")
         super().__init__(str(folder), loader=decode_image_file, is_valid_file=_regular_image_file)
 
 

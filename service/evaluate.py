@@ -32,8 +32,8 @@ from service.probes import gathered_features, knn_scores, topk_correct
 from service.spec import EvaluateSpec, spec_to_yaml
 from service.storage import filesystem, is_remote
 from service.subsets import balanced_indices, indices_from_list, read_subset_list
-from service.transforms import classification_pipelines
 from service.trainer import Precision
+from service.transforms import classification_pipelines
 
 log = logging.getLogger("barlow")
 

@@ -18,7 +18,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from service.recipe import flatten, unknown_names
@@ -90,12 +100,14 @@ class AugmentSpec(_Section):
     crop_scale: tuple[float, float] = Field(
         (0.08, 1.0), description="RandomResizedCrop area range (reference: 0.08-1); aspect ratio is always 3/4-4/3."
     )
-    horizontal_flip: float = Field(0.5, ge=0.0, le=1.0, description="Probability of a horizontal flip (reference: 0.5).")
+    horizontal_flip: float = Field(0.5, ge=0.0, le=1.0,
+                                   description="Probability of a horizontal flip (reference: 0.5).")
     color_jitter: float = Field(
         0.8, ge=0.0, le=1.0,
         description="Probability of ColorJitter(0.4, 0.4, 0.2, 0.1) (reference: 0.8).",
     )
-    grayscale: float = Field(0.2, ge=0.0, le=1.0, description="Probability of converting to grayscale (reference: 0.2).")
+    grayscale: float = Field(0.2, ge=0.0, le=1.0,
+                             description="Probability of converting to grayscale (reference: 0.2).")
     blur: tuple[float, float] = Field(
         (1.0, 0.1), description="Probability of a Gaussian blur, sigma ~ U(0.1, 2), for view 1 and view 2 "
         "(reference: 1.0 and 0.1; small images usually use 0 and 0).",
@@ -129,7 +141,8 @@ class AugmentSpec(_Section):
 
 class ModelSpec(_Section):
     backbone: Literal["resnet18", "resnet34", "resnet50"] = Field(
-        "resnet50", description="torchvision ResNet, built with zero_init_residual=True, fc removed (reference: resnet50)."
+        "resnet50",
+        description="torchvision ResNet, built with zero_init_residual=True, fc removed (reference: resnet50).",
     )
     stem: Literal["imagenet", "cifar"] = Field(
         "imagenet", description="`imagenet`: 7x7/2 convolution and max-pool; `cifar`: 3x3/1 convolution, no max-pool, "
@@ -155,7 +168,8 @@ class ModelSpec(_Section):
 
 class LossSpec(_Section):
     lambd: float = Field(
-        0.0051, ge=0.0, description="Weight of the off-diagonal (redundancy) term (reference code: 0.0051; paper: 5e-3)."
+        0.0051, ge=0.0,
+        description="Weight of the off-diagonal (redundancy) term (reference code: 0.0051; paper: 5e-3).",
     )
     scale_loss: float = Field(
         1.0, gt=0.0, description="Multiplies the loss, as the first release's `--scale-loss` did (the seed README's "
@@ -200,8 +214,10 @@ class OptimSpec(_Section):
     lr_biases: float = Field(
         0.0048, gt=0.0, description="Learning rate multiplier for biases and BatchNorm parameters (reference: 0.0048)."
     )
-    weight_decay: float = Field(1e-6, ge=0.0, description="Weight decay of the weights (reference code: 1e-6; paper: 1.5e-6).")
-    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="LARS momentum, no dampening or Nesterov (reference: 0.9).")
+    weight_decay: float = Field(1e-6, ge=0.0,
+                                description="Weight decay of the weights (reference code: 1e-6; paper: 1.5e-6).")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0,
+                            description="LARS momentum, no dampening or Nesterov (reference: 0.9).")
     eta: float = Field(0.001, gt=0.0, description="LARS trust coefficient (reference: 0.001).")
     warmup_epochs: float = Field(10, ge=0.0, description="Linear warm-up from 0, per step (reference: 10 epochs).")
 
@@ -242,7 +258,8 @@ class StorageSpec(_Section):
     )
     region: str | None = Field(None, description="S3 region; unset: from the AWS configuration.")
     profile: str | None = Field(None, description="AWS profile name from ~/.aws; unset: the default chain.")
-    retries: int = Field(5, ge=0, le=20, description="Attempts, with exponential backoff, for transient storage errors.")
+    retries: int = Field(5, ge=0, le=20,
+                         description="Attempts, with exponential backoff, for transient storage errors.")
     options: dict[str, Any] = Field(
         default_factory=dict, description="Extra fsspec options for the output's filesystem (e.g. for gs://)."
     )
@@ -275,10 +292,12 @@ CREDENTIALS_ADVICE = (
 
 class CheckpointSpec(_Section):
     every_steps: int | None = Field(
-        None, ge=1, description="Save every this many steps (unset: only per epoch). A lost node costs at most this many steps."
+        None, ge=1,
+        description="Save every this many steps (unset: only per epoch). A lost node costs at most this many steps.",
     )
     every_epochs: int | None = Field(1, ge=1, description="Save at the end of every this many epochs (reference: 1).")
-    keep_last: int = Field(2, ge=2, description="Valid checkpoints kept; older ones are deleted once a newer one is committed.")
+    keep_last: int = Field(2, ge=2,
+                           description="Valid checkpoints kept; older ones are deleted once a newer one is committed.")
     keep_every_epochs: int | None = Field(
         None, ge=1, description="Also keep, forever, the end-of-epoch checkpoints of every this many epochs."
     )
@@ -358,7 +377,8 @@ class TrainSpec(_Section):
         if world_size and self.optim.batch_size < world_size:
             raise ValueError(
                 f"optim.batch_size={self.optim.batch_size} is smaller than the {world_size} workers: every worker "
-                f"needs a share of the global batch; raise optim.batch_size to at least {world_size} or use fewer workers"
+                f"needs a share of the global batch; raise optim.batch_size to at least {world_size} or use fewer "
+                "workers"
             )
         return self
 

@@ -69,7 +69,8 @@ def test_gpu_benchmark_script_runs_every_configuration_on_the_cpu():
                              "--workers", "1"], cwd=ROOT, capture_output=True, text=True, timeout=900,
                             env={**os.environ, "BATCH": "4", "TORCHDYNAMO_DISABLE": "1", "PYTHON": sys.executable})
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines() if line.startswith(("fp32", "bf16"))}
+    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines()
+            if line.startswith(("fp32", "bf16"))}
     assert list(rows) == ["fp32", "bf16", "bf16+cl", "bf16+cl+compile", "bf16+cl+compile+jpeg"]
     assert all(float(images) > 0 for images, _ in rows.values()), result.stdout
     assert rows["fp32"][1] == "1.00"

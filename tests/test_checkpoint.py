@@ -14,8 +14,13 @@ import fsspec
 import pytest
 import torch
 
-from service.checkpoint import (CheckpointError, CheckpointManager, inspect_checkpoint, list_checkpoints,
-                                verify_checkpoint)
+from service.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    inspect_checkpoint,
+    list_checkpoints,
+    verify_checkpoint,
+)
 from service.cli import main
 from service.distributed import Worker
 from service.model import BarlowTwins

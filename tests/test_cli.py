@@ -106,7 +106,7 @@ def test_rerun_resumes_from_the_last_epoch_checkpoint(tmp_path):
     assert resumed[0] == {"epoch": 1, "step": 8, "resumed_with_changes": {"optim.epochs": [1, 2]},
                           "time": resumed[0]["time"]}
     training = [line for line in resumed if "loss" in line]
-    assert [line["step"] for line in training] == list(range(8, 16)) and {l["epoch"] for l in training} == {1}
+    assert [line["step"] for line in training] == list(range(8, 16)) and {line["epoch"] for line in training} == {1}
     assert [(line["epoch"], line["step"]) for line in resumed if "knn_top1" in line] == [(1, 16)]
     assert "resumed from" in result.stderr
     second_backbone = torch.load(output / "resnet18.pth", weights_only=True)

@@ -93,7 +93,8 @@ def test_ls_of_a_run_that_is_not_there_is_an_error(case, s3_server, tmp_path):
     bucket = s3_server.create_bucket(f"ls-{uuid.uuid4().hex[:8]}")
     url, cause = {"missing bucket": ("s3://absent/runs/x", MISSING_BUCKET),
                   "no such run": (f"{bucket}/runs/nope", "nothing is stored under this URL"),
-                  "local folder that does not exist": (str(tmp_path / "nope"), "nothing is stored under this URL")}[case]
+                  "local folder that does not exist": (str(tmp_path / "nope"),
+                                                       "nothing is stored under this URL")}[case]
     assert_one_error(barlow("checkpoints", "ls", url, "--endpoint-url", s3_server.endpoint_url), url, cause)
     assert "absent" not in buckets(s3_server)
 

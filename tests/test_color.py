@@ -132,7 +132,8 @@ def test_training_with_colour_on_the_device_is_the_same_on_one_and_two_workers(t
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                         "-m", "service", "train", "specs/digits.yaml", "--set", "optim.epochs=1", "--set",
                         "augment.color_on=device", "--set", "run.log_every=1", "--set", f"run.output={output}"],
-                       cwd=root, check=True, capture_output=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       cwd=root, check=True, capture_output=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
         lines = [json.loads(line) for line in (output / "stats.txt").read_text().splitlines() if '"loss"' in line]
         return {line["step"]: line["loss"] for line in lines}
 

@@ -9,8 +9,8 @@ import yaml
 from torchx import specs
 from torchx.runner import get_runner
 from torchx.schedulers import get_scheduler_factories
-from torchx.specs.finder import get_components
 from torchx.specs.file_linter import validate
+from torchx.specs.finder import get_components
 
 from components.barlowtwins import IMAGE_REFERENCE, evaluate, parse_nnodes, train
 from service.launch.scheduler import BarlowKubernetesScheduler, complete_volcano_job, parse_toleration

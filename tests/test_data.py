@@ -5,8 +5,17 @@ import pytest
 import torch
 from torchvision import tv_tensors
 
-from service.data import (Cifar10, DataError, Digits, GlobalBatchSampler, ImageFolder, LoaderSettings, TwoViews,
-                          digits_is_test, two_view_loader)
+from service.data import (
+    Cifar10,
+    DataError,
+    Digits,
+    GlobalBatchSampler,
+    ImageFolder,
+    LoaderSettings,
+    TwoViews,
+    digits_is_test,
+    two_view_loader,
+)
 from service.machine import Machine
 from service.spec import AugmentSpec, DataSpec, SpecError
 from service.transforms import two_view_pipelines

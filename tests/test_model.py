@@ -16,8 +16,8 @@ def test_projector_layers_follow_the_reference():
     kinds = [type(layer) for layer in projector]
     assert kinds == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
     linears = [layer for layer in projector if isinstance(layer, nn.Linear)]
-    assert [(l.in_features, l.out_features) for l in linears] == [(2048, 8192), (8192, 8192), (8192, 8192)]
-    assert all(l.bias is None for l in linears)
+    assert [(layer.in_features, layer.out_features) for layer in linears] == [(2048, 8192), (8192, 8192), (8192, 8192)]
+    assert all(layer.bias is None for layer in linears)
     # ~151M parameters in the reference's projector, 23.5M in the backbone
     assert 150e6 < sum(p.numel() for p in projector.parameters()) < 152e6
 

@@ -57,10 +57,14 @@ def _limit_memory() -> None:  # `import torch` maps ~3.5 GB of address space; th
 
 CASES = {
     # case: (arguments, text the one `barlow:` message must contain)
-    "inf override": (["validate", DIGITS, "--set", "optim.lr_weights=.inf"], "optim.lr_weights: Input should be a finite number"),
-    "nan in a tuple": (["validate", DIGITS, "--set", "augment.blur=[.nan, 0.1]"], "augment.blur.0: Input should be a finite number"),
-    "secret in a YAML file": (["validate", "{tmp}/secret.yaml"], "storage.options.client_kwargs.aws_secret_access_key: is a credential"),
-    "secret by --set, nested": (["validate", DIGITS, "--set", f"storage.options.client_kwargs.AWS_SESSION_TOKEN={SECRET}"],
+    "inf override": (["validate", DIGITS, "--set", "optim.lr_weights=.inf"],
+                     "optim.lr_weights: Input should be a finite number"),
+    "nan in a tuple": (["validate", DIGITS, "--set", "augment.blur=[.nan, 0.1]"],
+                       "augment.blur.0: Input should be a finite number"),
+    "secret in a YAML file": (["validate", "{tmp}/secret.yaml"],
+                              "storage.options.client_kwargs.aws_secret_access_key: is a credential"),
+    "secret by --set, nested": (["validate", DIGITS, "--set",
+                                 f"storage.options.client_kwargs.AWS_SESSION_TOKEN={SECRET}"],
                                 "storage.options.client_kwargs.AWS_SESSION_TOKEN: is a credential"),
     "endpoint with user info": (["validate", DIGITS, "--set", f"storage.endpoint_url=https://minio:{SECRET}@minio.local:9000"],
                                 "storage.endpoint_url: holds user info"),
@@ -76,7 +80,8 @@ def barlow_runs(tmp_path_factory) -> dict[str, tuple[int | None, str, str, float
     tmp = tmp_path_factory.mktemp("specs")
     (tmp / "secret.yaml").write_text(
         "data: {dataset: digits}\n"
-        f"storage:\n  options:\n    client_kwargs:\n      region_name: eu-west-1\n      aws_secret_access_key: {SECRET}\n")
+        "storage:\n  options:\n    client_kwargs:\n      region_name: eu-west-1\n"
+        f"      aws_secret_access_key: {SECRET}\n")
     (tmp / "bomb.yaml").write_text(alias_bomb())
     os.mkfifo(tmp / "fifo.yaml")
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -157,7 +162,8 @@ def test_unbounded_or_broken_yaml_is_one_spec_error(tmp_path, text, problem):
 
 
 def test_ordinary_aliases_still_load_and_big_files_are_refused(tmp_path):
-    (tmp_path / "spec.yaml").write_text("data: {dataset: digits}\naugment:\n  blur: &none [0.0, 0.0]\n  solarize: *none\n")
+    (tmp_path / "spec.yaml").write_text(
+        "data: {dataset: digits}\naugment:\n  blur: &none [0.0, 0.0]\n  solarize: *none\n")
     assert load_spec(tmp_path / "spec.yaml").augment.solarize == (0.0, 0.0)
     (tmp_path / "big.yaml").write_text("data: {dataset: digits}\n" + "# padding\n" * 120_000)
     with pytest.raises(SpecError, match="larger than 1 MiB"):
@@ -186,11 +192,13 @@ FLOATS = [(kind, *field) for kind in (TrainSpec, EvaluateSpec) for field in _flo
 
 
 @pytest.mark.parametrize("kind, field, index, default", FLOATS,
-                         ids=[f"{kind.__name__}.{field}{'' if index is None else f'.{index}'}" for kind, field, index, _ in FLOATS])
+                         ids=[f"{kind.__name__}.{field}{'' if index is None else f'.{index}'}"
+                              for kind, field, index, _ in FLOATS])
 def test_every_float_field_refuses_non_finite_numbers(kind, field, index, default):
     base = ["data.dataset=digits"]
     for value in NON_FINITE:
-        override = f"{field}={value}" if index is None else f"{field}=[{', '.join(value if i == index else str(v) for i, v in enumerate(default))}]"
+        items = ", ".join(value if i == index else str(v) for i, v in enumerate(default)) if index is not None else ""
+        override = f"{field}={value}" if index is None else f"{field}=[{items}]"
         with pytest.raises(SpecError) as caught:
             load_spec(None, [*base, override], kind=kind)
         where = field if index is None else f"{field}.{index}"
@@ -222,7 +230,8 @@ def test_credential_key_predicate():
 
 @pytest.mark.parametrize("options, where", [
     ({"key": SECRET}, "storage.options.key"),
-    ({"client_kwargs": {"region_name": "x", "aws_secret_access_key": SECRET}}, "storage.options.client_kwargs.aws_secret_access_key"),
+    ({"client_kwargs": {"region_name": "x", "aws_secret_access_key": SECRET}},
+     "storage.options.client_kwargs.aws_secret_access_key"),
     ({"config_kwargs": {"retries": {"max_attempts": 3}}, "s3_additional_kwargs": {"SSECustomerKey": SECRET}},
      "storage.options.s3_additional_kwargs.SSECustomerKey"),
     ({"headers": [{"Authorization": f"Bearer {SECRET}"}]}, "storage.options.headers.0.Authorization"),
@@ -230,7 +239,8 @@ def test_credential_key_predicate():
 ])
 @pytest.mark.parametrize("kind", [TrainSpec, EvaluateSpec])
 def test_credentials_in_storage_options_are_refused_at_any_depth_without_echo(tmp_path, kind, options, where):
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({"data": {"dataset": "digits"}, "storage": {"options": options}}))
+    (tmp_path / "spec.yaml").write_text(
+        yaml.safe_dump({"data": {"dataset": "digits"}, "storage": {"options": options}}))
     with pytest.raises(SpecError) as caught:
         load_spec(tmp_path / "spec.yaml", kind=kind)
     message = str(caught.value)
@@ -272,7 +282,8 @@ def test_no_error_path_echoes_a_secret():
      ["--set=storage.options.client_kwargs.aws_secret_access_key=***"]),
     ([f"storage.options.key={SECRET}"], ["storage.options.key=***"]),
     ([f"storage.options.credentials.file={SECRET}"], ["storage.options.credentials.file=***"]),  # any dotted part
-    ([f"AWS_SECRET_ACCESS_KEY={SECRET}", f"--env=AWS_SESSION_TOKEN={SECRET}"], ["AWS_SECRET_ACCESS_KEY=***", "--env=AWS_SESSION_TOKEN=***"]),
+    ([f"AWS_SECRET_ACCESS_KEY={SECRET}", f"--env=AWS_SESSION_TOKEN={SECRET}"],
+     ["AWS_SECRET_ACCESS_KEY=***", "--env=AWS_SESSION_TOKEN=***"]),
     (["--set", f"storage.options={{token: {SECRET}}}"], ["--set", "storage.options=***"]),
     (["--set", f"storage.endpoint_url=https://minio:{SECRET}@minio.local:9000/x"],
      ["--set", "storage.endpoint_url=https://***@minio.local:9000/x"]),
@@ -335,7 +346,8 @@ def test_component_keeps_ordinary_overrides():
 
 def test_torchx_run_and_barlow_submit_refuse_a_secret_override(capsys):
     result = subprocess.run(
-        [str(BIN / "torchx"), "run", "--dryrun", "--workspace", "", "-s", "local_cwd", "components/barlowtwins.py:train",
+        [str(BIN / "torchx"), "run", "--dryrun", "--workspace", "", "-s", "local_cwd",
+         "components/barlowtwins.py:train",
          "--spec", "specs/digits.yaml", f"storage.options.secret={SECRET}"],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "sets a credential ('secret')" in result.stderr

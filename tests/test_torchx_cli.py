@@ -217,8 +217,8 @@ def test_a_spec_outside_the_project_is_read_at_submission(tmp_path):
 
 
 def test_a_spec_on_object_storage_is_read_at_submission(s3_server, s3_bucket, tmp_path):
-    from service.storage import filesystem
     from service.spec import StorageSpec
+    from service.storage import filesystem
 
     fs, path = filesystem(f"{s3_bucket}/specs/x.yaml", StorageSpec(endpoint_url=s3_server.endpoint_url))
     fs.pipe_file(path, b"data: {dataset: digits}\noptim: {epochs: 4, warmup_epochs: 1}\n")

@@ -158,7 +158,8 @@ def test_a_diverging_run_stops_at_the_named_step_and_commits_nothing_non_finite(
         out = tmp_path / f"{checkpoint.step}.pth"
         exported = barlow("export", checkpoint.url, str(out), *(["--endpoint-url", endpoint] if endpoint else []))
         assert exported.returncode == 0, exported.stderr
-        assert all(torch.isfinite(t).all() for t in torch.load(out, weights_only=True).values() if t.is_floating_point())
+        exported = torch.load(out, weights_only=True).values()
+        assert all(torch.isfinite(t).all() for t in exported if t.is_floating_point())
 
     sane = ["optim.lr_weights=0.2", "optim.lr_biases=0.0048", "optim.warmup_epochs=0", "checkpoint.every_steps=2",
             "checkpoint.allow_changes=[optim.lr_weights,optim.lr_biases]"]
@@ -229,7 +230,8 @@ def test_resume_refuses_a_changed_recipe_unless_told_and_records_what_changed(re
     refused = barlow(*train_args(str(run), *changed))
     line = one_error_line(refused)
     assert refused.returncode == 2
-    for field in ("optim.epochs: 1 -> 2", "loss.lambd: 0.0051 -> 0.01", "run.seed: 0 -> 3", "augment.grayscale: 0.2 -> 0.5"):
+    for field in ("optim.epochs: 1 -> 2", "loss.lambd: 0.0051 -> 0.01", "run.seed: 0 -> 3",
+                  "augment.grayscale: 0.2 -> 0.5"):
         assert field in line, line
     assert (run / "stats.txt").read_text() == stats_before  # refused before anything was written
     assert not (run / "lease.json").exists()  # and the lease given back at once, not left to go stale

@@ -173,7 +173,7 @@ class BarlowKubernetesScheduler(KubernetesScheduler):
         cfg, images = dryrun_cfg(dryrun_info), images_to_push(dryrun_info)
         try:  # first, apart: a failed push and an unreachable cluster need different fixes
             self.push_images(images)
-        except Exception as error:  # the registry or the Docker API: nothing was created
+        except Exception as error:  # noqa: BLE001 (the registry or the Docker API: nothing was created)
             detail = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
             raise SubmissionError(
                 f"the job was not created: pushing the workspace image to {run_option(cfg, 'image_repo')} failed "

@@ -29,7 +29,7 @@ from service.checkpoint import list_checkpoints
 from service.spec import StorageSpec
 from service.storage import filesystem
 from tests.container.engine import ENGINE, IMAGE, engine
-from tests.container.volcano_pods import pods, podman_secret_name
+from tests.container.volcano_pods import podman_secret_name, pods
 from tests.s3_server import TEST_CREDENTIALS, S3Server
 
 pytestmark = [pytest.mark.slow, pytest.mark.container]

@@ -2,7 +2,8 @@
 
 Each worker takes its contiguous slice of the global batch (as GlobalBatchSampler does). Rank 0 saves the loss
 and the gradients of the first step and the parameters after the last, for the test to compare.
-    torchrun --nproc-per-node 2 tests/distributed/parity_worker.py OUT.pt [DIVISOR|none] [reduce|gather] [known|measured]
+    torchrun --nproc-per-node 2 tests/distributed/parity_worker.py OUT.pt [DIVISOR|none] [reduce|gather] \
+        [known|measured]
 `known` passes the global batch to the loss (as the training loop does: the row counts are its shards); `measured`
 (the default) leaves the loss to exchange the counts.
 """
@@ -33,12 +34,14 @@ def main(out: str, divisor: int | None, communication: str, known_batch: bool) -
     precision = Precision.choose("fp32", worker.device)
     scaler = precision.grad_scaler()
     generator = torch.Generator().manual_seed(1)
-    share = slice(worker.rank * GLOBAL_BATCH // worker.world_size, (worker.rank + 1) * GLOBAL_BATCH // worker.world_size)
+    share = slice(worker.rank * GLOBAL_BATCH // worker.world_size,
+                  (worker.rank + 1) * GLOBAL_BATCH // worker.world_size)
     record = {}
     for step in range(STEPS):
         y1, y2 = torch.randn(2, GLOBAL_BATCH, 3, 8, 8, generator=generator)
         schedule.apply(optimizer, step + 1)
-        loss = training_step(trained, optimizer, scaler, precision, LossSpec(reference_world_size=divisor, communication=communication),
+        loss_spec = LossSpec(reference_world_size=divisor, communication=communication)
+        loss = training_step(trained, optimizer, scaler, precision, loss_spec,
                              y1[share], y2[share], GLOBAL_BATCH if known_batch else None)
         if step == 0:
             record["loss"] = loss

@@ -11,7 +11,8 @@ WORKER = Path(__file__).with_name("parity_worker.py")
 pytestmark = pytest.mark.slow
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str, rel: float = 1e-5, tiny: float = 1e-8) -> None:
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str, rel: float = 1e-5,
+                 tiny: float = 1e-8) -> None:
     """Equal up to float32 summation order: the largest difference is small against the tensor's scale.
 
     `tiny` absorbs rounding in tensors that are themselves almost zero (biases still near their zero init).
