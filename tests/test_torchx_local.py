@@ -71,6 +71,11 @@ def kill_a_worker_after_a_mid_epoch_checkpoint(output: Path, process: subprocess
     raise AssertionError("no mid-epoch checkpoint appeared")
 
 
+def resumed_step(log: str) -> int:
+    """The step the run says it resumed from: `resumed from URL: step N (...)`."""
+    return int(log.split("resumed from ")[1].split(": step ")[1].split()[0])
+
+
 def outcome(output: Path) -> tuple[dict, dict[int, list[float]]]:
     losses: dict[int, list[float]] = {}
     for line in (output / "stats.txt").read_text().splitlines():
@@ -96,12 +101,15 @@ def test_two_workers_complete(uninterrupted):
 def test_killed_worker_restarts_the_group_and_resumes_exactly(uninterrupted, tmp_path):
     output = tmp_path / "restarted"
     process = torchx_run(output)
-    kill_a_worker_after_a_mid_epoch_checkpoint(output, process)
+    checkpointed = kill_a_worker_after_a_mid_epoch_checkpoint(output, process)
     log = finish(process)
-    assert "resumed from" in log
+    resumed = resumed_step(log)
+    assert checkpointed <= resumed < 16, log[-3000:]
     backbone, losses = outcome(output)
     expected_backbone, expected_losses = uninterrupted
     assert sorted(losses) == list(range(16))
+    # a real resume trains the steps before its checkpoint once (a restart from step 0 would train them twice)
+    assert all(len(losses[step]) == 1 for step in range(resumed))
     # steps after the checkpoint were trained twice (before the failure and after the restart), identically
     assert all(values == expected_losses[step] * len(values) for step, values in losses.items())
     for key, value in expected_backbone.items():

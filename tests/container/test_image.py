@@ -100,7 +100,8 @@ def test_sigterm_checkpoints_then_a_new_container_resumes_from_s3(image, s3_serv
         resumed = engine(*container_command(second, run_url, s3_server.endpoint_url, "torchrun", "--standalone",
                                             "--nproc-per-node", "2", "-m", "service", "train", "specs/digits.yaml"))
         output = resumed.stdout + resumed.stderr
-        assert f"step {stopped_at}" in output.split("resumed from ")[1], output[-4000:]
+        resumed_at = int(output.split("resumed from ")[1].split(": step ")[1].split()[0])
+        assert resumed_at == stopped_at, output[-4000:]  # the SIGTERM checkpoint, not an earlier one or step 0
         assert f"done: {TOTAL_STEPS} steps" in output, output[-4000:]
     finally:
         for name in (first, second):
