@@ -87,8 +87,8 @@ def train(
         shmMB: /dev/shm size per node in MiB (part of memMB); default: 8 GiB per GPU, or 1 GiB per CPU worker
         max_restarts: times torchrun restarts the worker group after a failure; each restart resumes from the
             last checkpoint
-        max_retries: times the scheduler recreates the whole job after a pod fails or its node is lost (Volcano
-            RestartJob); each resumes from the last checkpoint
+        max_retries: times the scheduler recreates the job after a pod fails or its node is lost (Volcano
+            RestartJob; an elastic job's lost pod alone, RestartTask); each resumes from the last checkpoint
         rdzv_port: port of the c10d rendezvous on the first node
         env: extra environment variables, e.g. AWS_REGION=us-east-1 (no credentials: see the README)
         mounts: volumes, e.g. type=volume,src=imagenet,dst=/data/imagenet,readonly
@@ -132,8 +132,8 @@ def evaluate(
         shmMB: /dev/shm size per node in MiB (part of memMB); default: 8 GiB per GPU, or 1 GiB per CPU worker
         max_restarts: times torchrun restarts the worker group after a failure; each restart resumes from the
             last checkpoint
-        max_retries: times the scheduler recreates the whole job after a pod fails or its node is lost (Volcano
-            RestartJob); each resumes from the last checkpoint
+        max_retries: times the scheduler recreates the job after a pod fails or its node is lost (Volcano
+            RestartJob; an elastic job's lost pod alone, RestartTask); each resumes from the last checkpoint
         rdzv_port: port of the c10d rendezvous on the first node
         env: extra environment variables, e.g. AWS_REGION=us-east-1 (no credentials: see the README)
         mounts: volumes, e.g. type=volume,src=imagenet,dst=/data/imagenet,readonly

@@ -13,6 +13,7 @@ import yaml
 
 from service.cli import main
 from service.spec import load_spec
+from tests.run_logs import resumed_step
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "specs" / "digits.yaml")
@@ -108,7 +109,7 @@ def test_rerun_resumes_from_the_last_epoch_checkpoint(tmp_path):
     training = [line for line in resumed if "loss" in line]
     assert [line["step"] for line in training] == list(range(8, 16)) and {line["epoch"] for line in training} == {1}
     assert [(line["epoch"], line["step"]) for line in resumed if "knn_top1" in line] == [(1, 16)]
-    assert "resumed from" in result.stderr
+    assert resumed_step(result.stderr) == 8  # the epoch's checkpoint, not step 0
     second_backbone = torch.load(output / "resnet18.pth", weights_only=True)
     assert not torch.equal(first_backbone["conv1.weight"], second_backbone["conv1.weight"])
 

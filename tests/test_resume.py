@@ -18,6 +18,7 @@ import torch
 
 from service.checkpoint import list_checkpoints
 from service.spec import StorageSpec
+from tests.run_logs import resumed_step
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +102,7 @@ def test_worker_killed_mid_epoch_resumes_exactly(uninterrupted, s3_bucket, s3_se
     assert process.returncode != 0, "the job should fail when a worker is killed (no restarts asked for)"
 
     resumed = finish(start(run, s3_server.endpoint_url))
-    resumed_at = int(resumed.split("resumed from ")[1].split(": step ")[1].split()[0])
+    resumed_at = resumed_step(resumed)
     assert resumed_at >= step
     fs, path = filesystem(run, storage)
     assert_same_run(read_outputs(fs, path), uninterrupted)
@@ -123,6 +124,6 @@ def test_sigterm_checkpoints_stops_and_resumes_exactly(uninterrupted, s3_bucket,
     assert stopped_at in [c.step for c in list_checkpoints(run, storage) if c.valid]
 
     resumed = finish(start(run, s3_server.endpoint_url))
-    assert int(resumed.split("resumed from ")[1].split(": step ")[1].split()[0]) == stopped_at
+    assert resumed_step(resumed) == stopped_at
     fs, path = filesystem(run, storage)
     assert_same_run(read_outputs(fs, path), uninterrupted)

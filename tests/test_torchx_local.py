@@ -18,6 +18,7 @@ import torchvision
 
 from service.checkpoint import list_checkpoints
 from service.spec import StorageSpec
+from tests.run_logs import resumed_step
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,11 +70,6 @@ def kill_a_worker_after_a_mid_epoch_checkpoint(output: Path, process: subprocess
             return inside[-1]
         time.sleep(0.2)
     raise AssertionError("no mid-epoch checkpoint appeared")
-
-
-def resumed_step(log: str) -> int:
-    """The step the run says it resumed from: `resumed from URL: step N (...)`."""
-    return int(log.split("resumed from ")[1].split(": step ")[1].split()[0])
 
 
 def outcome(output: Path) -> tuple[dict, dict[int, list[float]]]:

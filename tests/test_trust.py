@@ -20,6 +20,7 @@ import torch
 from service.checkpoint import list_checkpoints, verify_checkpoint
 from service.spec import StorageSpec
 from service.storage import filesystem
+from tests.run_logs import resumed_step
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +119,7 @@ def test_corrupt_newest_checkpoint_is_reported_never_exported_and_the_run_ends_a
     rerun = barlow(*train_args(url, endpoint=endpoint))  # the same command, as after a lost node
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert re.search(rf"step-000000016 is corrupt and will not be loaded: object {re.escape(victim)}", rerun.stderr)
-    assert int(re.search(r"resumed from \S+: step (\d+)", rerun.stderr).group(1)) == 12
+    assert resumed_step(rerun.stderr) == 12
     assert_same_tensors(read_backbone(url, storage), reference[1])
     assert [(c.step, verify_checkpoint(c.url, storage).valid) for c in list_checkpoints(url, storage)] == [
         (12, True), (16, True)]
@@ -165,7 +166,7 @@ def test_a_diverging_run_stops_at_the_named_step_and_commits_nothing_non_finite(
             "checkpoint.allow_changes=[optim.lr_weights,optim.lr_biases]"]
     resumed = barlow(*train_args(url, *sane, endpoint=endpoint))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert int(re.search(r"resumed from \S+: step (\d+)", resumed.stderr).group(1)) == checkpoints[-1].step
+    assert resumed_step(resumed.stderr) == checkpoints[-1].step
     backbone = read_backbone(url, storage)
     assert all(torch.isfinite(t).all() for t in backbone.values() if t.is_floating_point())
 

@@ -22,6 +22,7 @@ from service.model import build_backbone
 from service.spec import StorageSpec
 from service.storage import filesystem
 from tests.container.engine import IMAGE, engine
+from tests.run_logs import resumed_step
 from tests.s3_server import TEST_CREDENTIALS
 
 pytestmark = [pytest.mark.slow, pytest.mark.container]
@@ -100,8 +101,7 @@ def test_sigterm_checkpoints_then_a_new_container_resumes_from_s3(image, s3_serv
         resumed = engine(*container_command(second, run_url, s3_server.endpoint_url, "torchrun", "--standalone",
                                             "--nproc-per-node", "2", "-m", "service", "train", "specs/digits.yaml"))
         output = resumed.stdout + resumed.stderr
-        resumed_at = int(output.split("resumed from ")[1].split(": step ")[1].split()[0])
-        assert resumed_at == stopped_at, output[-4000:]  # the SIGTERM checkpoint, not an earlier one or step 0
+        assert resumed_step(output) == stopped_at, output[-4000:]  # the SIGTERM checkpoint, not an earlier one
         assert f"done: {TOTAL_STEPS} steps" in output, output[-4000:]
     finally:
         for name in (first, second):

@@ -30,6 +30,7 @@ from service.spec import StorageSpec
 from service.storage import filesystem
 from tests.container.engine import ENGINE, IMAGE, engine
 from tests.container.volcano_pods import podman_secret_name, pods
+from tests.run_logs import resumed_step
 from tests.s3_server import TEST_CREDENTIALS, S3Server
 
 pytestmark = [pytest.mark.slow, pytest.mark.container]
@@ -158,9 +159,7 @@ def test_the_rendered_job_trains_on_two_nodes_and_resumes_after_losing_one(
         uninterrupted.delete()
         interrupted.delete()
 
-    resumed = log.split("resumed from ")[1].split("\n")[0]
-    resumed_step = int(resumed.split(": step ")[1].split()[0])
-    assert committed[-1] <= resumed_step < TOTAL_STEPS, resumed
+    assert committed[-1] <= resumed_step(log) < TOTAL_STEPS, log[-3000:]
     assert f"done: {TOTAL_STEPS} steps" in log and "on 2 worker(s)" in log
     result = backbone(f"{bucket}/interrupted", storage)
     assert result.keys() == expected.keys()

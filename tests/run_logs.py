@@ -1,0 +1,14 @@
+"""What the tests read from a run's log: the step a run says it resumed from."""
+
+from __future__ import annotations
+
+import re
+
+_RESUMED = re.compile(r"resumed from \S+: step (\d+)")
+
+
+def resumed_step(log: str) -> int:
+    """N of the run's `resumed from URL: step N (...)` line (checkpoint.py writes it); fails if there is none."""
+    match = _RESUMED.search(log)
+    assert match, f"the run did not resume:\n{log[-3000:]}"
+    return int(match.group(1))
