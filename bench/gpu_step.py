@@ -25,8 +25,9 @@ from service.data import ImageFolder, LoaderSettings, two_view_loader  # noqa: E
 from service.distributed import Worker  # noqa: E402
 from service.model import BarlowTwins  # noqa: E402
 from service.optim import build_lars  # noqa: E402
+from service.precision import Precision  # noqa: E402
 from service.spec import AugmentSpec, LossSpec, ModelSpec  # noqa: E402
-from service.trainer import Precision, place_model, training_step  # noqa: E402
+from service.trainer import place_model, training_step  # noqa: E402
 from service.transforms import geometric_pipeline  # noqa: E402
 
 CONFIGS = {  # name: (precision, channels_last, compile, real input)

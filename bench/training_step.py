@@ -29,8 +29,9 @@ from bench.peers import import_lightly  # noqa: E402
 from service.metrics import NonFiniteGuard  # noqa: E402
 from service.model import BarlowTwins, build_backbone  # noqa: E402
 from service.optim import build_lars  # noqa: E402
+from service.precision import Precision  # noqa: E402
 from service.spec import LossSpec, ModelSpec  # noqa: E402
-from service.trainer import Precision, training_step  # noqa: E402
+from service.trainer import training_step  # noqa: E402
 
 PROJECTOR = "1024-1024-1024"
 

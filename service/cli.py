@@ -7,7 +7,7 @@
     barlow export CHECKPOINT_URL OUT                     a checkpoint's backbone as a torchvision state_dict
     barlow submit SPEC --scheduler local_cwd|kubernetes  launch through TorchX (and status / logs / cancel)
     barlow evaluate SPEC [--set ...]                     linear probe, finetune or kNN of a backbone (evaluation spec)
-    barlow compare SPEC [--weights W]                    pretrained vs random init vs raw pixels on the held-out split
+    barlow compare SPEC [--weights W]                    pretrained vs untrained networks vs raw pixels, held out
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ import logging
 import os
 import shlex
 import sys
-
-import yaml
 
 # torch and the training modules are imported where a command needs them: `barlow submit`, `validate` and
 # `schema` start in a fraction of the time
@@ -47,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--force", action="store_true",
                              help="take run.output's lease from the job that holds it, without waiting for its "
                              "heartbeat to go stale (only when you know that job is gone)")
-    compare = with_spec("compare", "Pretrained backbone vs random init vs raw pixels: kNN, linear, few-shot.")
+    compare = with_spec("compare", "Pretrained backbone vs the same untrained (two initialisations) vs raw pixels: "
+                        "kNN, linear, few-shot.")
     compare.add_argument("--weights", help="backbone weights or checkpoint; default: the training spec's export")
     validate = with_spec("validate", "Validate a spec and print it with every default filled in.")
     validate.add_argument("--world-size", type=int, default=None,
@@ -129,24 +128,12 @@ def _key_values(items: list[str], what: str) -> dict[str, str]:
     return pairs
 
 
-# the components' arguments (barlowtwins.train / .evaluate) and the barlow submit options that give them
-COMPONENT_ARGUMENTS = {"spec": "spec", "overrides": "overrides", "image": "image", "nnodes": "nnodes",
-                       "nproc_per_node": "nproc_per_node", "h": "named_resource", "gpu": "gpu", "cpu": "cpu",
-                       "memMB": "mem_mb", "shmMB": "shm_mb", "max_restarts": "max_restarts",
-                       "max_retries": "max_retries", "rdzv_port": "rdzv_port", "env": "env", "mounts": "mount",
-                       "name": "name"}
-
-
-def _component_arguments(args: argparse.Namespace) -> list[str]:
-    """barlow submit's options as the torchx CLI hands them to the component: strings, only those given."""
-    arguments = []
-    for parameter, option in COMPONENT_ARGUMENTS.items():
-        value = getattr(args, option)
-        if parameter in ("env", "mounts"):
-            value = ",".join(value) or None
-        if parameter != "overrides" and value is not None:
-            arguments += [f"--{parameter}", value]
-    return arguments + list(args.overrides)
+# the components' arguments (barlowtwins.train / .evaluate) but the spec and its overrides, and the barlow submit
+# options that give them
+COMPONENT_ARGUMENTS = {"image": "image", "nnodes": "nnodes", "nproc_per_node": "nproc_per_node",
+                       "h": "named_resource", "gpu": "gpu", "cpu": "cpu", "memMB": "mem_mb", "shmMB": "shm_mb",
+                       "max_restarts": "max_restarts", "max_retries": "max_retries", "rdzv_port": "rdzv_port",
+                       "env": "env", "mounts": "mount", "name": "name"}
 
 
 def _run_options(args: argparse.Namespace) -> dict:
@@ -160,33 +147,21 @@ def _run_options(args: argparse.Namespace) -> dict:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from service.launch.submit import component_for, dryrun, stream_logs
-    from service.launch.torchx_api import SubmissionError, dryrun_app
+    from service.launch.submit import Submission
 
-    source = args.spec.removeprefix("image:")
-    component = component_for(spec_kind(source, args.overrides))
-    session, info = dryrun(component, _component_arguments(args), args.scheduler, _run_options(args),
-                           workspace=args.workspace)
+    arguments = {parameter: getattr(args, option) for parameter, option in COMPONENT_ARGUMENTS.items()}
+    submission = Submission.prepare(args.spec, arguments, args.overrides, args.scheduler, _run_options(args),
+                                    workspace=args.workspace)
     if args.dryrun:
-        resource = getattr(info.request, "resource", None)  # a Kubernetes job; the local scheduler's request prints
-        text = yaml.safe_dump(resource, sort_keys=False) if isinstance(resource, dict) else f"{info}\n"
-        print(text, end="")
+        print(submission.describe(), end="")
         return 0
-    try:
-        handle = session.schedule(info)
-    except SubmissionError:
-        raise  # the scheduler's own message: the registry or the cluster, and what to check
-    except Exception as error:  # noqa: BLE001 (anything else on the way: the job was not created)
-        first_line = (str(error).strip().splitlines() or [""])[0][:300]
-        print(f"barlow: the job was not created: {type(error).__name__}: {first_line}", file=sys.stderr)
-        return 2
+    handle = submission.create()
     print(handle, flush=True)
     if args.scheduler == "kubernetes":
         return 0
-    stream_logs(session, handle, role=dryrun_app(info).roles[0].name)
-    status = session.wait(handle, wait_interval=1)
-    print(f"{handle}: {status.state.name if status else 'UNKNOWN'}")
-    return 0 if status and status.state.name == "SUCCEEDED" else 1
+    state = submission.follow(handle)
+    print(f"{handle}: {state}")
+    return 0 if state == "SUCCEEDED" else 1
 
 
 def _manage(args: argparse.Namespace) -> int:
@@ -305,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
 
             spec = load_spec(args.spec, args.overrides)
             weights = args.weights or exported_weights_url(spec)
-            print(f"{spec.model.backbone} pretrained ({weights}) vs the same randomly initialised vs raw pixels")
+            print(f"{spec.model.backbone} pretrained ({weights}) vs the same untrained (torchvision's default init; "
+                  "the pretraining's zero-init residual) vs raw pixels, frozen, on the held-out split")
             print(format_table(compare(spec, weights)))
             return 0
         from service import distributed

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from service.seeds import Stream, derived_seed
 from service.spec import AugmentSpec
 from service.transforms import BLUR_SIGMA, JITTER, SOLARIZE_THRESHOLD, blur_kernel_size
 
@@ -184,8 +184,7 @@ class DeviceColor:
                  rows: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         out = []
         for view, images in enumerate(views):
-            # the trailing constant keeps these streams apart from the per-image ones (data.sample_seed)
-            seed = int(np.random.SeedSequence([self.seed, epoch, step, view, 7]).generate_state(1)[0])
+            seed = derived_seed(Stream.DEVICE_COLOR, self.seed, epoch, step, view)
             params = sample_parameters(self.spec, view, self.global_batch, torch.Generator().manual_seed(seed))
             out.append(apply_color(images, params.rows(*rows), self.kernel_size, self.spec.mean,
                                    self.spec.std))

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import PIL.Image
 import torch
 import torchvision
@@ -23,8 +22,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from service.distributed import shard  # noqa: F401 (re-exported: the rows' partition over ranks lives there)
+from service.distributed import shard
 from service.machine import Machine
+from service.seeds import Stream, derived_seed
 from service.spec import DataSpec, EvalDataSpec, SpecError
 
 log = logging.getLogger("barlow")
@@ -123,10 +123,6 @@ def labelled_images(spec: DataSpec, train: bool = True) -> Dataset:
     return ImageFolder(spec.path, "train" if train else "val")
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
 class TwoViews(Dataset):
     """Both augmented views of one sample, keyed by (epoch, index) and seeded by (seed, epoch, index)."""
 
@@ -142,7 +138,7 @@ class TwoViews(Dataset):
         epoch, index = key
         image, _ = self.images[index]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            torch.manual_seed(derived_seed(Stream.SAMPLE_VIEWS, self.seed, epoch, index))
             return self.views[0](image).as_subclass(torch.Tensor), self.views[1](image).as_subclass(torch.Tensor)
 
 
@@ -167,7 +163,7 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
             )
         self.dataset_size = dataset_size
         self.global_batch = global_batch
-        self.share = slice(rank * global_batch // world_size, (rank + 1) * global_batch // world_size)
+        self.share = shard(global_batch, rank, world_size)
         self.seed = seed
         self.epoch = 0
         self.start_batch = 0
@@ -180,7 +176,7 @@ class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
         return self.dataset_size // self.global_batch - self.start_batch
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        generator = torch.Generator().manual_seed(derived_seed(Stream.BATCH_ORDER, self.seed, self.epoch))
         order = torch.randperm(self.dataset_size, generator=generator).tolist()
         for batch in range(self.start_batch, self.dataset_size // self.global_batch):
             start = batch * self.global_batch
@@ -273,7 +269,7 @@ class Transformed(Dataset):
         if self.seed is None:
             return self.transform(image).as_subclass(torch.Tensor), label
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, self.epoch, self.indices[index]))
+            torch.manual_seed(derived_seed(Stream.SAMPLE_VIEWS, self.seed, self.epoch, self.indices[index]))
             return self.transform(image).as_subclass(torch.Tensor), label
 
 

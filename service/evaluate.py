@@ -24,15 +24,16 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from service import distributed
 from service.checkpoint import CheckpointManager
-from service.data import DataError, LoaderSettings, Transformed, labelled_images, shard, targets_of
+from service.data import DataError, LoaderSettings, Transformed, labelled_images, targets_of
+from service.distributed import shard
 from service.export import load_pretrained, write_backbone
 from service.metrics import TrainingStats
-from service.model import build_backbone
+from service.model import BACKBONE_FEATURES, build_backbone
+from service.precision import Precision
 from service.probes import gathered_features, knn_scores, topk_correct
 from service.spec import EvaluateSpec, spec_to_yaml
 from service.storage import filesystem, is_remote
 from service.subsets import balanced_indices, indices_from_list, read_subset_list
-from service.trainer import Precision
 from service.transforms import classification_pipelines
 
 log = logging.getLogger("barlow")
@@ -70,8 +71,7 @@ class Classifier(nn.Module):
 def build_network(spec: EvaluateSpec, num_classes: int) -> nn.Module:
     """The ResNet with the pretrained backbone (or its random initialisation) and a new fc, as the reference."""
     network = build_backbone(spec.backbone.arch, spec.backbone.stem)
-    features = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}[spec.backbone.arch]
-    network.fc = nn.Linear(features, num_classes)
+    network.fc = nn.Linear(BACKBONE_FEATURES[spec.backbone.arch], num_classes)
     if spec.backbone.weights:
         weights = {k: v for k, v in load_pretrained(spec.backbone.weights, spec.storage).items()
                    if not k.startswith("fc.")}

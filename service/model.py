@@ -11,12 +11,13 @@ from service.spec import ModelSpec
 BACKBONE_FEATURES = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
 
 
-def build_backbone(name: str, stem: str = "imagenet") -> nn.Module:
-    """A torchvision ResNet with zero-initialised residual branches and `fc` replaced by identity.
+def build_backbone(name: str, stem: str = "imagenet", zero_init_residual: bool = True) -> nn.Module:
+    """A torchvision ResNet with `fc` replaced by identity and, as the reference pretrains it, zero-initialised
+    residual branches (the last BatchNorm of each block starts at weight 0, so every block starts as the identity).
 
     The `cifar` stem (3x3 stride-1 first convolution, no max-pool) keeps the resolution of 32x32 images.
     """
-    backbone = getattr(torchvision.models, name)(zero_init_residual=True)
+    backbone = getattr(torchvision.models, name)(zero_init_residual=zero_init_residual)
     backbone.fc = nn.Identity()
     if stem == "cifar":
         backbone.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)

@@ -7,7 +7,6 @@ One process, or one worker per process under torchrun:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -19,16 +18,18 @@ from service import distributed
 from service.batchnorm import convert_sync_batchnorm
 from service.checkpoint import CheckpointManager
 from service.color import DeviceColor
-from service.data import LoaderSettings, Transformed, labelled_images, shard, two_view_loader
+from service.data import LoaderSettings, labelled_images, two_view_loader
+from service.distributed import shard
 from service.export import export_backbone, exported_weights_url
+from service.knn_monitor import KnnMonitor
 from service.loss import barlow_twins_loss
 from service.metrics import NonFiniteGuard, NonFiniteLoss, TrainingStats
 from service.model import BarlowTwins
 from service.optim import LearningRateSchedule, build_lars
+from service.precision import Precision
 from service.preemption import Preemption
-from service.probes import gathered_features, knn_scores, topk_correct
 from service.spec import DdpSpec, LossSpec, TrainSpec
-from service.transforms import feature_pipeline, geometric_pipeline, two_view_pipelines
+from service.transforms import geometric_pipeline, two_view_pipelines
 
 log = logging.getLogger("barlow")
 
@@ -42,33 +43,6 @@ class TrainResult:
     preempted: bool
     failed_checkpoints: list[int]
     last_checkpoint_committed: bool
-
-
-@dataclass(frozen=True)
-class Precision:
-    """Autocast and loss scaling for the spec's precision on the chosen device."""
-
-    dtype: torch.dtype | None
-    device_type: str
-
-    @classmethod
-    def choose(cls, precision: str, device: torch.device) -> Precision:
-        if precision == "fp32":
-            return cls(None, device.type)
-        if device.type == "cuda":
-            return cls(torch.float16 if precision == "fp16" else torch.bfloat16, "cuda")
-        if precision == "bf16":
-            return cls(torch.bfloat16, device.type)
-        log.warning("run.precision=fp16 needs CUDA; training in fp32 on %s", device.type)
-        return cls(None, device.type)
-
-    def autocast(self):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
-
-    def grad_scaler(self) -> torch.amp.GradScaler:
-        return torch.amp.GradScaler(self.device_type, enabled=self.dtype == torch.float16)
 
 
 def place_model(model: nn.Module, worker: distributed.Worker, channels_last: bool,
@@ -112,38 +86,6 @@ def training_step(model, optimizer, scaler, precision: Precision, loss_spec: Los
         scaler.step(optimizer, apply=guard.finite(loss.detach(), optimizer, scaled=scaler.is_enabled()))
     scaler.update()
     return loss.detach()
-
-
-class KnnMonitor:
-    """The kNN monitor (spec.monitor): top-1 of a weighted kNN classifier on the backbone's features, every N epochs.
-
-    The labelled training images are the memory bank and the held-out split the queries; both are embedded in
-    shares across the workers and gathered, so every worker computes the same accuracy. Nothing here trains.
-    """
-
-    def __init__(self, spec: TrainSpec, worker: distributed.Worker, loader_workers: int):
-        self.spec = spec.monitor
-        self.epochs = spec.optim.epochs
-        self.worker = worker
-        self.batch_size = max(1, 256 // worker.world_size)
-        self.workers = loader_workers
-        if self.spec.knn_every_epochs:
-            transform = feature_pipeline(spec.data.image_size, spec.augment.mean, spec.augment.std)
-            self.bank = Transformed(labelled_images(spec.data, train=True), transform)
-            self.queries = Transformed(labelled_images(spec.data, train=False), transform)
-
-    def due(self, epoch: int) -> bool:
-        every = self.spec.knn_every_epochs
-        return bool(every) and ((epoch + 1) % every == 0 or epoch + 1 == self.epochs)
-
-    def run(self, backbone: nn.Module, epoch: int, step: int, stats: TrainingStats) -> float:
-        bank = gathered_features(backbone, self.bank, self.worker, self.batch_size, self.workers)
-        queries = gathered_features(backbone, self.queries, self.worker, self.batch_size, self.workers)
-        scores = knn_scores(bank[0], bank[1], queries[0], int(bank[1].max()) + 1, k=self.spec.knn_k,
-                            temperature=self.spec.knn_temperature)
-        accuracy = 100 * topk_correct(scores, queries[1], ks=(1,))[0] / len(queries[1])
-        stats.record(epoch=epoch, step=step, knn_top1=accuracy)
-        return accuracy
 
 
 def train(spec: TrainSpec, command: str, force: bool = False) -> TrainResult:

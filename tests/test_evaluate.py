@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from service.data import DataError, ImageFolder, shard
+from service.data import DataError, ImageFolder
+from service.distributed import shard
 from service.evaluate import BackboneChanged, _check_unchanged, backbone_state, evaluate
 from service.model import build_backbone
 from service.probes import knn_scores, linear_accuracy, topk_correct

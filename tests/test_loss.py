@@ -1,4 +1,5 @@
-"""The Barlow Twins loss against an independent float64 re-derivation of the paper's formula (REFERENCE.md).
+"""The Barlow Twins loss against an independent float64 re-derivation of the paper's formula (Zbontar et al. 2021,
+eq. 1 and 2; facebookresearch/barlowtwins@8e8d284 `main.py` `BarlowTwins.forward` lines 207-221).
 
 loss = sum_i (1 - C_ii)^2 + lambd * sum_{i != j} C_ij^2, with C = bn(z1).T @ bn(z2) / N, where bn normalises
 each dimension with the batch mean and the biased batch variance, eps 1e-5 (BatchNorm1d(affine=False)).

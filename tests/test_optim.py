@@ -1,4 +1,6 @@
-"""LARS, its parameter groups and the learning-rate schedule against hand computations (REFERENCE.md).
+"""LARS, its parameter groups and the learning-rate schedule against hand computations
+(facebookresearch/barlowtwins@8e8d284 `main.py`: parameter groups lines 90-99,
+`adjust_learning_rate` lines 155-170, `LARS` lines 224-264).
 
 LARS step: dp = grad (+ wd*p); for weights q = eta*|p|/|dp| if both norms > 0 else 1, dp *= q;
 mu = 0.9*mu + dp; p -= lr*mu. Biases and BN parameters (ndim == 1) get neither weight decay nor the trust ratio.

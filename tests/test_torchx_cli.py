@@ -110,7 +110,7 @@ def test_barlow_submit_has_an_option_for_every_argument():
     from service.cli import COMPONENT_ARGUMENTS, _parser
 
     submit = _parser().parse_args(["submit", "s.yaml", "--scheduler", "kubernetes"])
-    assert set(COMPONENT_ARGUMENTS) == set(EVERY_ARGUMENT)
+    assert {"spec", "overrides", *COMPONENT_ARGUMENTS} == set(EVERY_ARGUMENT)
     assert all(hasattr(submit, option) for option in COMPONENT_ARGUMENTS.values())
 
 

@@ -11,8 +11,9 @@ import torch
 
 from service.model import BarlowTwins
 from service.optim import build_lars
+from service.precision import Precision
 from service.spec import LossSpec, ModelSpec
-from service.trainer import Precision, training_step
+from service.trainer import training_step
 
 ROOT = Path(__file__).resolve().parents[1]
 

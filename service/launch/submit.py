@@ -8,17 +8,34 @@ and lets the Runner render, check and create the job: `barlow submit ... --sched
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from typing import Any
 
+import yaml
 from torchx.runner import Runner, get_runner
+from torchx.specs import AppDryRunInfo
 
-from service.launch.torchx_api import apply_torchxconfig, component_defaults
-from service.spec import EvaluateSpec
+from service.launch.torchx_api import SubmissionError, apply_torchxconfig, component_defaults, dryrun_app
+from service.spec import EvaluateSpec, spec_kind
+
+LIST_ARGUMENTS = ("env", "mounts")  # the components take these as one comma-separated string
 
 
 def component_for(kind: type) -> str:
     """The component that launches a spec of this kind (EvaluateSpec or TrainSpec)."""
     return "barlowtwins.evaluate" if kind is EvaluateSpec else "barlowtwins.train"
+
+
+def component_arguments(values: dict[str, Any], overrides: list[str]) -> list[str]:
+    """The component's arguments as the torchx CLI hands them over: `--name value` strings, only those given (lists
+    joined by commas), then the spec overrides as its trailing arguments."""
+    arguments = []
+    for parameter, value in values.items():
+        if parameter in LIST_ARGUMENTS:
+            value = ",".join(value) or None
+        if value is not None:
+            arguments += [f"--{parameter}", str(value)]
+    return arguments + list(overrides)
 
 
 def runner() -> Runner:
@@ -32,6 +49,46 @@ def dryrun(component: str, arguments: list[str], scheduler: str, cfg: dict[str, 
     session = runner()
     info = session.dryrun_component(component, arguments, scheduler, cfg=cfg, workspace=workspace or None)
     return session, info
+
+
+@dataclass
+class Submission:
+    """A job rendered and checked by the scheduler, not yet created."""
+
+    session: Runner
+    info: AppDryRunInfo
+    scheduler: str
+
+    @classmethod
+    def prepare(cls, spec: str, arguments: dict[str, Any], overrides: list[str], scheduler: str,
+                run_options: dict[str, Any], workspace: str | None = None) -> Submission:
+        """`spec` is the component's spec argument (a path, a URL or image:PATH); the component follows its kind."""
+        component = component_for(spec_kind(spec.removeprefix("image:"), overrides))
+        session, info = dryrun(component, component_arguments({"spec": spec, **arguments}, overrides), scheduler,
+                               run_options, workspace=workspace)
+        return cls(session, info, scheduler)
+
+    def describe(self) -> str:
+        """What would be created: the Kubernetes resource as YAML, or the local scheduler's request."""
+        resource = getattr(self.info.request, "resource", None)
+        return yaml.safe_dump(resource, sort_keys=False) if isinstance(resource, dict) else f"{self.info}\n"
+
+    def create(self) -> str:
+        """Creates the job; its handle. A SubmissionError carries the scheduler's one-line reason; any other error
+        on the way is raised as one (the job was not created)."""
+        try:
+            return self.session.schedule(self.info)
+        except SubmissionError:
+            raise
+        except Exception as error:  # noqa: BLE001 (anything else on the way: the job was not created)
+            first_line = (str(error).strip().splitlines() or [""])[0][:300]
+            raise SubmissionError(f"the job was not created: {type(error).__name__}: {first_line}") from error
+
+    def follow(self, handle: str) -> str:
+        """Streams the first role's logs until the job ends; its final state (SUCCEEDED, FAILED, ...)."""
+        stream_logs(self.session, handle, role=dryrun_app(self.info).roles[0].name)
+        status = self.session.wait(handle, wait_interval=1)
+        return status.state.name if status else "UNKNOWN"
 
 
 def stream_logs(session: Runner, handle: str, role: str = "trainer") -> None:

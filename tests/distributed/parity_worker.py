@@ -15,8 +15,9 @@ import torch
 from service import distributed
 from service.model import BarlowTwins
 from service.optim import LearningRateSchedule, build_lars
+from service.precision import Precision
 from service.spec import LossSpec, ModelSpec
-from service.trainer import Precision, place_model, training_step
+from service.trainer import place_model, training_step
 
 GLOBAL_BATCH = 16
 STEPS = 3

@@ -1,0 +1,45 @@
+"""The kNN monitor of a pretraining run (`monitor` in the spec): the probes' weighted kNN on the backbone, every N
+epochs, logged to stats.txt."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from service import distributed
+from service.data import Transformed, labelled_images
+from service.metrics import TrainingStats
+from service.probes import gathered_features, knn_scores, topk_correct
+from service.spec import TrainSpec
+from service.transforms import feature_pipeline
+
+
+class KnnMonitor:
+    """The kNN monitor (spec.monitor): top-1 of a weighted kNN classifier on the backbone's features, every N epochs.
+
+    The labelled training images are the memory bank and the held-out split the queries; both are embedded in
+    shares across the workers and gathered, so every worker computes the same accuracy. Nothing here trains.
+    """
+
+    def __init__(self, spec: TrainSpec, worker: distributed.Worker, loader_workers: int):
+        self.spec = spec.monitor
+        self.epochs = spec.optim.epochs
+        self.worker = worker
+        self.batch_size = max(1, 256 // worker.world_size)
+        self.workers = loader_workers
+        if self.spec.knn_every_epochs:
+            transform = feature_pipeline(spec.data.image_size, spec.augment.mean, spec.augment.std)
+            self.bank = Transformed(labelled_images(spec.data, train=True), transform)
+            self.queries = Transformed(labelled_images(spec.data, train=False), transform)
+
+    def due(self, epoch: int) -> bool:
+        every = self.spec.knn_every_epochs
+        return bool(every) and ((epoch + 1) % every == 0 or epoch + 1 == self.epochs)
+
+    def run(self, backbone: nn.Module, epoch: int, step: int, stats: TrainingStats) -> float:
+        bank = gathered_features(backbone, self.bank, self.worker, self.batch_size, self.workers)
+        queries = gathered_features(backbone, self.queries, self.worker, self.batch_size, self.workers)
+        scores = knn_scores(bank[0], bank[1], queries[0], int(bank[1].max()) + 1, k=self.spec.knn_k,
+                            temperature=self.spec.knn_temperature)
+        accuracy = 100 * topk_correct(scores, queries[1], ks=(1,))[0] / len(queries[1])
+        stats.record(epoch=epoch, step=step, knn_top1=accuracy)
+        return accuracy
