@@ -9,7 +9,7 @@ One process, one thread (torch.set_num_threads(1)): images/s per core. Rows:
   tensor (the loader path, `augment.color_on: loader`);
 - ours, loader half: decode once, crop + flip per view, uint8 out; the colour half then runs batched on the GPU
   (`augment.color_on: device`): what a loader process does when training runs on CUDA;
-- ours, loader half + colour batched on this CPU: the loader half, then `service.color.apply_color` on batches of
+- ours, loader half + colour batched on this CPU: the loader half, then `service.method.color.apply_color` on batches of
   32 of its views on the same core: what `augment.color_on: device` would cost a CPU-only run (why `auto` keeps
   the colour in the loader there);
 - lightly BYOLTransform: decode (PIL), its two views on the PIL image, to tensors.
@@ -33,10 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.peers import import_lightly  # noqa: E402
-from service.color import apply_color, sample_parameters  # noqa: E402
-from service.data import decode_image_file  # noqa: E402
+from service.data.datasets import decode_image_file  # noqa: E402
+from service.method.color import apply_color, sample_parameters  # noqa: E402
+from service.method.transforms import blur_kernel_size, geometric_pipeline, two_view_pipelines  # noqa: E402
 from service.spec import AugmentSpec  # noqa: E402
-from service.transforms import blur_kernel_size, geometric_pipeline, two_view_pipelines  # noqa: E402
 
 
 def make_jpegs(folder: Path, count: int, seed: int = 0) -> list[Path]:

@@ -38,8 +38,8 @@ def bytes_per_step(plan: str, world: int, batch: int, dim: int, element: int = 4
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from service import distributed
-    from service.loss import barlow_twins_loss
+    from service.method.loss import barlow_twins_loss
+    from service.runtime import distributed
 
     handle = distributed.start("cpu")
     rows = distributed.shard(args.batch, handle.rank, handle.world_size)

@@ -20,15 +20,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.augmentation import make_jpegs  # noqa: E402
-from service.color import DeviceColor  # noqa: E402
-from service.data import ImageFolder, LoaderSettings, two_view_loader  # noqa: E402
-from service.distributed import Worker  # noqa: E402
-from service.model import BarlowTwins  # noqa: E402
-from service.optim import build_lars  # noqa: E402
-from service.precision import Precision  # noqa: E402
+from service.data.datasets import ImageFolder  # noqa: E402
+from service.data.loader import LoaderSettings, two_view_loader  # noqa: E402
+from service.method.color import DeviceColor  # noqa: E402
+from service.method.model import BarlowTwins  # noqa: E402
+from service.method.optim import build_lars  # noqa: E402
+from service.method.transforms import geometric_pipeline  # noqa: E402
+from service.runtime.distributed import Worker  # noqa: E402
+from service.runtime.precision import Precision  # noqa: E402
 from service.spec import AugmentSpec, LossSpec, ModelSpec  # noqa: E402
 from service.trainer import place_model, training_step  # noqa: E402
-from service.transforms import geometric_pipeline  # noqa: E402
 
 CONFIGS = {  # name: (precision, channels_last, compile, real input)
     "fp32": ("fp32", False, False, False),

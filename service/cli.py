@@ -19,11 +19,12 @@ import os
 import shlex
 import sys
 
+from service.spec import EvaluateSpec, SpecError, StorageSpec, json_schema, load_spec, spec_kind, spec_to_yaml
+from service.storage.filesystem import StorageError, explain, require_exists, storage_errors
+
 # torch and the training modules are imported where a command needs them: `barlow submit`, `validate` and
 # `schema` start in a fraction of the time
-from service.redaction import redact_arguments
-from service.spec import EvaluateSpec, SpecError, StorageSpec, json_schema, load_spec, spec_kind, spec_to_yaml
-from service.storage import StorageError, explain, require_exists, storage_errors
+from service.storage.redaction import redact_arguments
 
 log = logging.getLogger("barlow")
 
@@ -186,7 +187,7 @@ def _storage(args: argparse.Namespace) -> StorageSpec:
 
 def _print_checkpoints(run: str, storage: StorageSpec, verify: bool) -> int:
     """The run's checkpoints, one row each; with `verify`, every byte checked. 1 when a checkpoint fails it."""
-    from service.checkpoint import list_checkpoints, verify_checkpoint
+    from service.storage.checkpoint import list_checkpoints, verify_checkpoint
 
     rows = [("STEP", "EPOCH", "BATCH", "SIZE", "CREATED", "RUN", "STATUS")]
     corrupt = False
@@ -213,7 +214,7 @@ def _print_checkpoints(run: str, storage: StorageSpec, verify: bool) -> int:
 
 
 def _evaluate(args: argparse.Namespace, argv: list[str] | None) -> int:
-    from service.evaluate import evaluate
+    from service.evaluation.evaluate import evaluate
 
     spec = load_spec(args.spec, args.overrides, kind=EvaluateSpec)
     result = evaluate(spec, command=shlex.join(["barlow", *redact_arguments(sys.argv[1:] if argv is None else argv)]),
@@ -237,9 +238,9 @@ def _configure_logging() -> None:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """What a user's input causes: one line and exit 2. Evaluated only when an exception reaches main."""
-    from service.checkpoint import CheckpointError
-    from service.data import DataError
-    from service.metrics import NonFiniteLoss
+    from service.data.datasets import DataError
+    from service.runtime.metrics import NonFiniteLoss
+    from service.storage.checkpoint import CheckpointError
 
     return SpecError, DataError, NonFiniteLoss, StorageError, CheckpointError, ValueError
 
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "checkpoints":
             return _print_checkpoints(args.run, _storage(args), args.verify)
         if args.command == "export":
-            from service.export import export_checkpoint
+            from service.storage.export import export_checkpoint
 
             backbone = export_checkpoint(args.checkpoint, args.out, _storage(args))
             print(f"wrote {args.out}: {len(backbone)} tensors of the backbone, torchvision key names, no fc")
@@ -275,8 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "evaluate":
             return _evaluate(args, argv)
         if args.command == "compare":
-            from service.compare import compare, format_table
-            from service.export import exported_weights_url
+            from service.evaluation.compare import compare, format_table
+            from service.storage.export import exported_weights_url
 
             spec = load_spec(args.spec, args.overrides)
             weights = args.weights or exported_weights_url(spec)
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                   "the pretraining's zero-init residual) vs raw pixels, frozen, on the held-out split")
             print(format_table(compare(spec, weights)))
             return 0
-        from service import distributed
+        from service.runtime import distributed
         from service.trainer import train
 
         spec = load_spec(args.spec, args.overrides, world_size=distributed.launched_world_size())

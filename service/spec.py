@@ -31,8 +31,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from service.recipe import flatten, unknown_names
-from service.redaction import has_url_userinfo, is_credential_key, redact_value
+from service.storage.recipe import flatten, unknown_names
+from service.storage.redaction import has_url_userinfo, is_credential_key, redact_value
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -551,7 +551,7 @@ def read_spec_text(source: str, overrides: list[str] = ()) -> str:
 
 
 def _read_spec_url(url: str, overrides: list[str]) -> str:
-    from service.storage import StorageError, explain, filesystem, storage_errors
+    from service.storage.filesystem import StorageError, explain, filesystem, storage_errors
 
     settings = apply_overrides({}, [o for o in overrides if o.partition("=")[0].startswith("storage.")])
     try:

@@ -14,22 +14,23 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from service import distributed
-from service.batchnorm import convert_sync_batchnorm
-from service.checkpoint import CheckpointManager
-from service.color import DeviceColor
-from service.data import LoaderSettings, labelled_images, two_view_loader
-from service.distributed import shard
-from service.export import export_backbone, exported_weights_url
-from service.knn_monitor import KnnMonitor
-from service.loss import barlow_twins_loss
-from service.metrics import NonFiniteGuard, NonFiniteLoss, TrainingStats
-from service.model import BarlowTwins
-from service.optim import LearningRateSchedule, build_lars
-from service.precision import Precision
-from service.preemption import Preemption
+from service.data.datasets import labelled_images
+from service.data.loader import LoaderSettings, two_view_loader
+from service.evaluation.knn_monitor import KnnMonitor
+from service.method.batchnorm import convert_sync_batchnorm
+from service.method.color import DeviceColor
+from service.method.loss import barlow_twins_loss
+from service.method.model import BarlowTwins
+from service.method.optim import LearningRateSchedule, build_lars
+from service.method.transforms import geometric_pipeline, two_view_pipelines
+from service.runtime import distributed
+from service.runtime.distributed import shard
+from service.runtime.metrics import NonFiniteGuard, NonFiniteLoss, TrainingStats
+from service.runtime.precision import Precision
+from service.runtime.preemption import Preemption
 from service.spec import DdpSpec, LossSpec, TrainSpec
-from service.transforms import geometric_pipeline, two_view_pipelines
+from service.storage.checkpoint import CheckpointManager
+from service.storage.export import export_backbone, exported_weights_url
 
 log = logging.getLogger("barlow")
 

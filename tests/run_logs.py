@@ -8,7 +8,7 @@ _RESUMED = re.compile(r"resumed from \S+: step (\d+)")
 
 
 def resumed_step(log: str) -> int:
-    """N of the run's `resumed from URL: step N (...)` line (checkpoint.py writes it); fails if there is none."""
+    """N of the run's `resumed from URL: step N (...)` line (the checkpoint manager logs it); fails if there is none."""
     match = _RESUMED.search(log)
     assert match, f"the run did not resume:\n{log[-3000:]}"
     return int(match.group(1))

@@ -14,19 +14,19 @@ import fsspec
 import pytest
 import torch
 
-from service.checkpoint import (
+from service.cli import main
+from service.method.model import BarlowTwins
+from service.method.optim import build_lars
+from service.runtime.distributed import Worker
+from service.spec import CheckpointSpec, ModelSpec, StorageSpec, TrainSpec
+from service.storage.checkpoint import (
     CheckpointError,
     CheckpointManager,
     inspect_checkpoint,
     list_checkpoints,
     verify_checkpoint,
 )
-from service.cli import main
-from service.distributed import Worker
-from service.model import BarlowTwins
-from service.optim import build_lars
-from service.spec import CheckpointSpec, ModelSpec, StorageSpec, TrainSpec
-from service.storage import filesystem
+from service.storage.filesystem import filesystem
 from tests.s3_server import S3Server
 
 MODEL = ModelSpec(backbone="resnet18", stem="cifar", projector="32-16")
@@ -225,7 +225,7 @@ def test_unusable_storage_is_one_clear_error_without_secrets(case, s3_server, aw
 
 KILLED_SAVE = """
 import sys, torch
-from service import dcp_io
+from service.storage import dcp_io
 state = {{"big": torch.randn(64, 1024, 1024)}}  # 256 MiB: several seconds to upload to the test server
 dcp_io.save(state, "{url}", {{"endpoint_url": "{endpoint}"}})
 """
@@ -441,7 +441,7 @@ def test_allow_changes_must_name_fields_of_the_spec():
 
 
 def test_a_run_whose_lease_was_taken_over_commits_nothing(run_url, request, caplog):
-    from service.lease import Lease
+    from service.storage.lease import Lease
 
     storage = storage_for(run_url, request)
     first = Training(run_url, storage)

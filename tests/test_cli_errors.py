@@ -15,7 +15,7 @@ import boto3
 import PIL.Image
 import pytest
 
-from service.data import Cifar10, DataError, ImageFolder
+from service.data.datasets import Cifar10, DataError, ImageFolder
 from tests.s3_server import TEST_CREDENTIALS, S3Server, free_port
 from tests.test_checkpoint import Training
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as F
 
-from service.color import DeviceColor, adjust, apply_color, gaussian_blur, sample_parameters
+from service.method.color import DeviceColor, adjust, apply_color, gaussian_blur, sample_parameters
+from service.method.transforms import JITTER, SOLARIZE_THRESHOLD, view_pipeline
 from service.spec import AugmentSpec
-from service.transforms import JITTER, SOLARIZE_THRESHOLD, view_pipeline
 
 REFERENCE = AugmentSpec()  # the reference's probabilities
 

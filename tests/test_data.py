@@ -5,20 +5,11 @@ import pytest
 import torch
 from torchvision import tv_tensors
 
-from service.data import (
-    Cifar10,
-    DataError,
-    Digits,
-    GlobalBatchSampler,
-    ImageFolder,
-    LoaderSettings,
-    TwoViews,
-    digits_is_test,
-    two_view_loader,
-)
-from service.machine import Machine
+from service.data.datasets import Cifar10, DataError, Digits, ImageFolder, digits_is_test
+from service.data.loader import GlobalBatchSampler, LoaderSettings, TwoViews, two_view_loader
+from service.method.transforms import two_view_pipelines
+from service.runtime.machine import Machine
 from service.spec import AugmentSpec, DataSpec, SpecError
-from service.transforms import two_view_pipelines
 
 
 def global_batches(size: int, batch: int, world: int, seed: int, epoch: int) -> list[list[int]]:

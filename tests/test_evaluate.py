@@ -8,13 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from service.data import DataError, ImageFolder
-from service.distributed import shard
-from service.evaluate import BackboneChanged, _check_unchanged, backbone_state, evaluate
-from service.model import build_backbone
-from service.probes import knn_scores, linear_accuracy, topk_correct
+from service.data.datasets import DataError, ImageFolder
+from service.data.subsets import balanced_indices, indices_from_list, read_subset_list
+from service.evaluation.evaluate import BackboneChanged, _check_unchanged, backbone_state, evaluate
+from service.evaluation.probes import knn_scores, linear_accuracy, topk_correct
+from service.method.model import build_backbone
+from service.runtime.distributed import shard
 from service.spec import EvaluateSpec, SpecError, StorageSpec, load_spec
-from service.subsets import balanced_indices, indices_from_list, read_subset_list
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,7 +152,7 @@ def test_finetune_changes_the_backbone_on_a_balanced_subset(random_backbone, tmp
                                   "data.train_percent=10"), command="test")
     from collections import Counter
 
-    from service.data import Digits
+    from service.data.datasets import Digits
 
     per_class = Counter(Digits(16, train=True).targets).values()
     assert result.train_images == sum(round(count / 10) for count in per_class)  # 10% of every class
@@ -171,9 +171,10 @@ def test_rerun_resumes_the_finished_evaluation_instead_of_training_again(random_
 
 
 def test_knn_mode_matches_the_probe_computed_directly(random_backbone, tmp_path):
-    from service.data import Transformed, labelled_images
-    from service.probes import gathered_features
-    from service.transforms import classification_pipelines
+    from service.data.datasets import labelled_images
+    from service.data.loader import Transformed
+    from service.evaluation.probes import gathered_features
+    from service.method.transforms import classification_pipelines
 
     spec = digits_eval(random_backbone, tmp_path, "eval.mode=knn")
     result = evaluate(spec, command="test")
@@ -203,9 +204,9 @@ def test_torch_hub_returns_the_trained_classifier_and_the_backbone(random_backbo
 
 
 def test_torch_hub_resnet50_returns_an_exported_backbone(tmp_path):
-    from service.export import backbone_state_dict
-    from service.model import BarlowTwins
+    from service.method.model import BarlowTwins
     from service.spec import ModelSpec
+    from service.storage.export import backbone_state_dict
 
     torch.manual_seed(2)
     trained = BarlowTwins(ModelSpec(backbone="resnet50", projector="64-64"))  # the reference's backbone

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from service.compare import PROBES, compare
+from service.evaluation.compare import PROBES, compare
 from service.spec import StorageSpec, load_spec
-from service.storage import filesystem
+from service.storage.filesystem import filesystem
 from tests.s3_server import TEST_CREDENTIALS
 
 pytestmark = pytest.mark.slow

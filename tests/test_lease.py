@@ -13,9 +13,9 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from service.lease import Lease, LeaseHeld, LeaseLost, LeaseRecord, current_job_id
 from service.spec import StorageSpec
-from service.storage import StorageError, filesystem
+from service.storage.filesystem import StorageError, filesystem
+from service.storage.lease import Lease, LeaseHeld, LeaseLost, LeaseRecord, current_job_id
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -266,9 +266,9 @@ def test_record_round_trips_and_rejects_what_is_not_one():
 
 RACER = """
 import sys
-from service.lease import Lease, LeaseHeld
+from service.storage.lease import Lease, LeaseHeld
 from service.spec import StorageSpec
-from service.storage import StorageError, filesystem
+from service.storage.filesystem import StorageError, filesystem
 url, endpoint, job = sys.argv[1:]
 storage = StorageSpec(endpoint_url=endpoint or None)
 fs, path = filesystem(url, storage)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.loss import barlow_twins_loss, cross_correlation, off_diagonal
+from service.method.loss import barlow_twins_loss, cross_correlation, off_diagonal
 
 EPS = 1e-5
 
@@ -216,7 +216,7 @@ def test_mismatched_shapes_are_rejected():
 
 
 def test_communication_plan_chosen_by_bytes_where_bytes_are_dear():
-    from service.loss import choose_communication
+    from service.method.loss import choose_communication
 
     assert choose_communication(2048, 8192, multi_node=True) == "gather"   # 2 N D < 4 D^2: 8x fewer bytes
     assert choose_communication(20000, 8192, multi_node=True) == "reduce"  # N >= 2 D: the matrix is smaller
@@ -249,7 +249,7 @@ def _own_and_others(n_own: int, n_others: int, d: int, dtype=torch.float64, offs
 
 @pytest.mark.parametrize("n_own,n_others", [(5, 11), (1, 7), (6, 0), (0, 9)])
 def test_cross_correlation_of_own_rows_has_the_whole_batch_value_and_gradient(n_own, n_others):
-    from service.loss import cross_correlation_of_own_rows
+    from service.method.loss import cross_correlation_of_own_rows
 
     z1, z2 = _own_and_others(n_own, n_others, 7)
     own1 = z1[:n_own].clone().requires_grad_(True)
@@ -269,7 +269,7 @@ def test_cross_correlation_of_own_rows_has_the_whole_batch_value_and_gradient(n_
 
 def test_cross_correlation_of_own_rows_in_fp32_does_not_cancel():
     # Embeddings far from zero: centring the others by the batch mean before their product keeps fp32 accurate.
-    from service.loss import cross_correlation_of_own_rows
+    from service.method.loss import cross_correlation_of_own_rows
 
     z1, z2 = _own_and_others(6, 26, 8, offset=1000.0)
     expected = cross_correlation(z1, z2)  # float64
@@ -282,7 +282,7 @@ def test_gather_backward_multiplies_own_rows_only():
     # the forward still multiplies the whole batch. (The own product carries two more rows: the mean's terms.)
     from torch.utils.flop_counter import FlopCounterMode
 
-    from service.loss import cross_correlation_of_own_rows
+    from service.method.loss import cross_correlation_of_own_rows
 
     n_own, n_others, d = 4, 60, 32
     z1, z2 = _own_and_others(n_own, n_others, d, dtype=torch.float32)
@@ -303,7 +303,7 @@ def test_gather_backward_multiplies_own_rows_only():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is a CUDA matter")
 def test_loss_with_known_global_batch_never_waits_for_the_device():
-    from service.loss import cross_correlation_of_own_rows
+    from service.method.loss import cross_correlation_of_own_rows
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     z1 = torch.randn(64, 32, device="cuda", generator=gen, requires_grad=True)

@@ -2,7 +2,7 @@
 
 import os
 
-from service.machine import Machine, free_bytes, usable_cpus, usable_memory
+from service.runtime.machine import Machine, free_bytes, usable_cpus, usable_memory
 
 GB = 2**30
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from service.optim import LARS, LearningRateSchedule, build_lars, learning_rate_factor, parameter_groups
+from service.method.optim import LARS, LearningRateSchedule, build_lars, learning_rate_factor, parameter_groups
 
 WD = 0.1  # large, so that a weight decay applied to the wrong group shows
 ETA = 0.02
@@ -283,8 +283,8 @@ def test_apply_sets_param_group_rates():
 
 
 def test_multi_tensor_lars_equals_the_per_parameter_lars_over_several_steps():
-    from service.model import BarlowTwins
-    from service.optim import build_lars
+    from service.method.model import BarlowTwins
+    from service.method.optim import build_lars
     from service.spec import ModelSpec
 
     torch.manual_seed(0)
@@ -314,8 +314,8 @@ def test_multi_tensor_lars_equals_the_per_parameter_lars_over_several_steps():
 
 @pytest.mark.parametrize("foreach", [True, False])
 def test_a_step_not_applied_leaves_parameters_and_momentum_exactly_unchanged(foreach):
-    from service.model import BarlowTwins
-    from service.optim import build_lars
+    from service.method.model import BarlowTwins
+    from service.method.optim import build_lars
     from service.spec import ModelSpec
 
     def train(steps: list[bool | None]) -> list[torch.Tensor]:

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.checkpoint import list_checkpoints
 from service.spec import StorageSpec
+from service.storage.checkpoint import list_checkpoints
 from tests.run_logs import resumed_step
 
 pytestmark = pytest.mark.slow
@@ -74,7 +74,7 @@ def uninterrupted(s3_server, tmp_path_factory):
     bucket = s3_server.create_bucket("uninterrupted")
     finish(start(f"{bucket}/run", s3_server.endpoint_url))
     storage = StorageSpec(endpoint_url=s3_server.endpoint_url)
-    from service.storage import filesystem
+    from service.storage.filesystem import filesystem
 
     fs, path = filesystem(f"{bucket}/run", storage)
     return read_outputs(fs, path)
@@ -90,7 +90,7 @@ def assert_same_run(outputs, reference) -> None:
 
 
 def test_worker_killed_mid_epoch_resumes_exactly(uninterrupted, s3_bucket, s3_server):
-    from service.storage import filesystem
+    from service.storage.filesystem import filesystem
 
     storage = StorageSpec(endpoint_url=s3_server.endpoint_url)
     run = f"{s3_bucket}/run"
@@ -109,7 +109,7 @@ def test_worker_killed_mid_epoch_resumes_exactly(uninterrupted, s3_bucket, s3_se
 
 
 def test_sigterm_checkpoints_stops_and_resumes_exactly(uninterrupted, s3_bucket, s3_server):
-    from service.storage import filesystem
+    from service.storage.filesystem import filesystem
 
     storage = StorageSpec(endpoint_url=s3_server.endpoint_url)
     run = f"{s3_bucket}/run"

@@ -19,8 +19,8 @@ from pydantic import BaseModel, ValidationError
 
 import components.barlowtwins as barlowtwins
 from service import cli
-from service.redaction import is_credential_key, redact_arguments
 from service.spec import MAX_SPEC_VALUES, EvaluateSpec, SpecError, StorageSpec, TrainSpec, load_spec
+from service.storage.redaction import is_credential_key, redact_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "specs" / "digits.yaml")
@@ -298,7 +298,7 @@ def test_redact_arguments(args, expected):
 
 
 def test_train_and_evaluate_record_the_command_redacted(monkeypatch, capsys):
-    import service.evaluate
+    import service.evaluation.evaluate
     import service.trainer
 
     recorded = {}
@@ -310,7 +310,7 @@ def test_train_and_evaluate_record_the_command_redacted(monkeypatch, capsys):
         return run
 
     monkeypatch.setattr(service.trainer, "train", recording("train"))
-    monkeypatch.setattr(service.evaluate, "evaluate", recording("evaluate"))
+    monkeypatch.setattr(service.evaluation.evaluate, "evaluate", recording("evaluate"))
     # The spec refuses these values itself; the redaction is the second line, so the spec is loaded without them.
     monkeypatch.setattr(cli, "load_spec", lambda path, overrides, **kwargs: load_spec(path, [], **kwargs))
     assert cli.main(["train", DIGITS, "--set", f"run.output=memory://user:{SECRET}@bucket/run"]) == 2

@@ -218,7 +218,7 @@ def test_a_spec_outside_the_project_is_read_at_submission(tmp_path):
 
 def test_a_spec_on_object_storage_is_read_at_submission(s3_server, s3_bucket, tmp_path):
     from service.spec import StorageSpec
-    from service.storage import filesystem
+    from service.storage.filesystem import filesystem
 
     fs, path = filesystem(f"{s3_bucket}/specs/x.yaml", StorageSpec(endpoint_url=s3_server.endpoint_url))
     fs.pipe_file(path, b"data: {dataset: digits}\noptim: {epochs: 4, warmup_epochs: 1}\n")
@@ -305,7 +305,7 @@ def test_the_pods_run_the_shipped_spec_byte_for_byte(s3_bucket, s3_server, tmp_p
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "done: 2 steps" in result.stdout + result.stderr
     from service.spec import StorageSpec
-    from service.storage import filesystem
+    from service.storage.filesystem import filesystem
 
     fs, path = filesystem(run_url, StorageSpec(endpoint_url=s3_server.endpoint_url))
     assert fs.cat_file(f"{path}/spec.yaml").decode() == environment(container)["BARLOW_SPEC"]

@@ -16,8 +16,8 @@ import pytest
 import torch
 import torchvision
 
-from service.checkpoint import list_checkpoints
 from service.spec import StorageSpec
+from service.storage.checkpoint import list_checkpoints
 from tests.run_logs import resumed_step
 
 pytestmark = pytest.mark.slow

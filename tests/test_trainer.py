@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.model import BarlowTwins
-from service.optim import build_lars
-from service.precision import Precision
+from service.method.model import BarlowTwins
+from service.method.optim import build_lars
+from service.runtime.precision import Precision
 from service.spec import LossSpec, ModelSpec
 from service.trainer import training_step
 
@@ -75,7 +75,7 @@ def test_compiled_training_follows_eager_training(tmp_path):
 
 @pytest.mark.parametrize("poison", ["input", "none"])
 def test_the_guard_skips_a_non_finite_step_and_remembers_it(poison):
-    from service.metrics import NonFiniteGuard
+    from service.runtime.metrics import NonFiniteGuard
 
     model, optimizer = tiny_model_and_lars()
     precision = Precision.choose("fp32", torch.device("cpu"))
@@ -96,7 +96,7 @@ def test_the_guard_skips_a_non_finite_step_and_remembers_it(poison):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is a CUDA matter")
 @pytest.mark.parametrize("precision_name", ["fp32", "bf16"])
 def test_the_guarded_step_never_waits_for_the_device(precision_name):
-    from service.metrics import NonFiniteGuard
+    from service.runtime.metrics import NonFiniteGuard
 
     device = torch.device("cuda")
     model, optimizer = tiny_model_and_lars("cuda")

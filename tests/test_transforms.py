@@ -8,8 +8,8 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from service.method.transforms import PILGaussianBlur, blur_kernel_size, two_view_pipelines, view_pipeline
 from service.spec import AugmentSpec
-from service.transforms import PILGaussianBlur, blur_kernel_size, two_view_pipelines, view_pipeline
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.checkpoint import list_checkpoints, verify_checkpoint
 from service.spec import StorageSpec
-from service.storage import filesystem
+from service.storage.checkpoint import list_checkpoints, verify_checkpoint
+from service.storage.filesystem import filesystem
 from tests.run_logs import resumed_step
 
 pytestmark = pytest.mark.slow

@@ -16,11 +16,11 @@ import uuid
 import pytest
 import torch
 
-from service.checkpoint import list_checkpoints
-from service.export import export_checkpoint
-from service.model import build_backbone
+from service.method.model import build_backbone
 from service.spec import StorageSpec
-from service.storage import filesystem
+from service.storage.checkpoint import list_checkpoints
+from service.storage.export import export_checkpoint
+from service.storage.filesystem import filesystem
 from tests.container.engine import IMAGE, engine
 from tests.run_logs import resumed_step
 from tests.s3_server import TEST_CREDENTIALS

@@ -25,9 +25,9 @@ import pytest
 import torch
 import yaml
 
-from service.checkpoint import list_checkpoints
 from service.spec import StorageSpec
-from service.storage import filesystem
+from service.storage.checkpoint import list_checkpoints
+from service.storage.filesystem import filesystem
 from tests.container.engine import ENGINE, IMAGE, engine
 from tests.container.volcano_pods import podman_secret_name, pods
 from tests.run_logs import resumed_step

@@ -12,10 +12,10 @@ import sys
 
 import torch
 
-from service import distributed
-from service.model import BarlowTwins
-from service.optim import LearningRateSchedule, build_lars
-from service.precision import Precision
+from service.method.model import BarlowTwins
+from service.method.optim import LearningRateSchedule, build_lars
+from service.runtime import distributed
+from service.runtime.precision import Precision
 from service.spec import LossSpec, ModelSpec
 from service.trainer import place_model, training_step
 

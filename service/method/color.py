@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from service.seeds import Stream, derived_seed
+from service.data.seeds import Stream, derived_seed
+from service.method.transforms import BLUR_SIGMA, JITTER, SOLARIZE_THRESHOLD, blur_kernel_size
 from service.spec import AugmentSpec
-from service.transforms import BLUR_SIGMA, JITTER, SOLARIZE_THRESHOLD, blur_kernel_size
 
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from service.distributed import all_reduce_sum, world_size
+from service.runtime.distributed import all_reduce_sum, world_size
 
 
 class GlobalBatchNorm(_BatchNorm):

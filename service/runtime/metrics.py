@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from service import multi_tensor
+from service.method import multi_tensor
 from service.spec import StorageSpec
-from service.storage import explain, filesystem, is_remote
+from service.storage.filesystem import explain, filesystem, is_remote
 
 log = logging.getLogger("barlow")
 

@@ -22,19 +22,20 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from service import distributed
-from service.checkpoint import CheckpointManager
-from service.data import DataError, LoaderSettings, Transformed, labelled_images, targets_of
-from service.distributed import shard
-from service.export import load_pretrained, write_backbone
-from service.metrics import TrainingStats
-from service.model import BACKBONE_FEATURES, build_backbone
-from service.precision import Precision
-from service.probes import gathered_features, knn_scores, topk_correct
+from service.data.datasets import DataError, labelled_images, targets_of
+from service.data.loader import LoaderSettings, Transformed
+from service.data.subsets import balanced_indices, indices_from_list, read_subset_list
+from service.evaluation.probes import gathered_features, knn_scores, topk_correct
+from service.method.model import BACKBONE_FEATURES, build_backbone
+from service.method.transforms import classification_pipelines
+from service.runtime import distributed
+from service.runtime.distributed import shard
+from service.runtime.metrics import TrainingStats
+from service.runtime.precision import Precision
 from service.spec import EvaluateSpec, spec_to_yaml
-from service.storage import filesystem, is_remote
-from service.subsets import balanced_indices, indices_from_list, read_subset_list
-from service.transforms import classification_pipelines
+from service.storage.checkpoint import CheckpointManager
+from service.storage.export import load_pretrained, write_backbone
+from service.storage.filesystem import filesystem, is_remote
 
 log = logging.getLogger("barlow")
 

@@ -42,7 +42,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from service.spec import StorageSpec
-from service.storage import StorageError, explain, filesystem
+from service.storage.filesystem import StorageError, explain, filesystem
 
 log = logging.getLogger("barlow")
 

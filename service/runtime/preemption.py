@@ -14,7 +14,7 @@ import signal
 import torch
 import torch.distributed as dist
 
-from service.distributed import new_cpu_group
+from service.runtime.distributed import new_cpu_group
 
 log = logging.getLogger("barlow")
 

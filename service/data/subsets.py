@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from service.data import DataError
+from service.data.datasets import DataError
 from service.spec import StorageSpec
-from service.storage import filesystem
+from service.storage.filesystem import filesystem
 
 
 def read_subset_list(url: str, storage: StorageSpec) -> list[str]:

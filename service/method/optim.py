@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from service import multi_tensor
+from service.method import multi_tensor
 
 
 class LARS(torch.optim.Optimizer):

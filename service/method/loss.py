@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from service.distributed import (
+from service.runtime.distributed import (
     all_reduce_sum,
     gather_rows,
     rank,

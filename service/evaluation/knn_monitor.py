@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from service import distributed
-from service.data import Transformed, labelled_images
-from service.metrics import TrainingStats
-from service.probes import gathered_features, knn_scores, topk_correct
+from service.data.datasets import labelled_images
+from service.data.loader import Transformed
+from service.evaluation.probes import gathered_features, knn_scores, topk_correct
+from service.method.transforms import feature_pipeline
+from service.runtime import distributed
+from service.runtime.metrics import TrainingStats
 from service.spec import TrainSpec
-from service.transforms import feature_pipeline
 
 
 class KnnMonitor:

@@ -29,7 +29,7 @@ class PILGaussianBlur(torch.nn.Module):
     """The reference's blur: PIL's ImageFilter.GaussianBlur(radius=sigma), sigma ~ U(0.1, 2), on a uint8 image.
 
     PIL's blur (three box passes approximating the Gaussian, no truncation) is the reference's, and on one core it
-    is several times faster than a 23-tap convolution of the tensor. The device path (service/color.py) convolves
+    is several times faster than a 23-tap convolution of the tensor. The device path (service/method/color.py) convolves
     with the sampled Gaussian itself.
     """
 
@@ -67,7 +67,7 @@ def view_pipeline(spec: AugmentSpec, image_size: int, view: int) -> v2.Compose:
 
 
 def geometric_pipeline(spec: AugmentSpec, image_size: int) -> v2.Compose:
-    """The per-image half when the colour half runs on the device (service/color.py): crop and flip, uint8 out."""
+    """The per-image half when the colour half runs on the device (method/color.py): crop and flip, uint8 out."""
     return v2.Compose(_geometric(spec, image_size))
 
 

@@ -1,0 +1,1 @@
+"""The method: the network, the loss, LARS and its schedule, the augmentations."""

@@ -1,0 +1,1 @@
+"""The run time: processes and devices, precision, machine limits, pre-emption, statistics."""

@@ -1,0 +1,1 @@
+"""Checkpoints and storage: fsspec filesystems, checkpoints, the run lease, exports, credentials."""
