@@ -45,7 +45,8 @@ def make_jpegs(folder: Path, count: int, seed: int = 0) -> list[Path]:
     paths = []
     for i in range(count):
         low = rng.uniform(0, 255, size=(6, 8, 3))
-        field = np.asarray(PIL.Image.fromarray(low.astype(np.uint8)).resize((500, 375), PIL.Image.BICUBIC), float)
+        image = PIL.Image.fromarray(low.astype(np.uint8)).resize((500, 375), PIL.Image.Resampling.BICUBIC)
+        field = np.asarray(image, np.float64)
         pixels = np.clip(field + rng.normal(0, 12, field.shape), 0, 255).astype(np.uint8)
         path = folder / f"image_{i:05d}.JPEG"
         PIL.Image.fromarray(pixels).save(path, quality=90)

@@ -64,7 +64,7 @@ def main() -> None:
     torch.manual_seed(0)
     model, trained = place_model(BarlowTwins(model_spec), worker, channels_last=channels_last)
     if compiled:
-        trained = torch.compile(trained)
+        trained = torch.compile(trained)  # type: ignore[assignment]  # a Module's is a Module; torch types a callable
     optimizer = build_lars(model, weight_decay=1.5e-6, momentum=0.9, eta=0.001)
     for group in optimizer.param_groups:
         group["lr"] = 0.01

@@ -225,8 +225,8 @@ def _torchrun_job(subcommand: str, spec: str, overrides: tuple, image: str, nnod
     try:
         parsed_mounts = specs.parse_mounts(mounts) if mounts else []
     except (KeyError, ValueError, TypeError) as error:
-        raise SubmissionError(f"mounts {','.join(mounts)!r}: {error}; e.g. type=volume,src=CLAIM,dst=/data,readonly "
-                              "or type=bind,src=/host/path,dst=/data") from None
+        raise SubmissionError(f"mounts {','.join(mounts or [])!r}: {error}; e.g. type=volume,src=CLAIM,dst=/data,"
+                              "readonly or type=bind,src=/host/path,dst=/data") from None
     resource, shm, nproc = node_resource(h, gpu, _count(cpu, "cpu", 1), _count(memMB, "memMB", 1),
                                          _count(shmMB, "shmMB", 1), _count(nproc_per_node, "nproc_per_node", 1))
     kind = EvaluateSpec if subcommand == "evaluate" else TrainSpec

@@ -14,8 +14,9 @@ import math
 import os
 import re
 import stat
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, overload
 
 import yaml
 from pydantic import (
@@ -42,15 +43,20 @@ class SpecError(ValueError):
     """A spec that cannot be used, with a message that says how to fix it."""
 
 
-class AutoCount:
-    """`AutoCount[n]`: a whole number of at least n, or "auto" (resolved from the machine when the run starts)."""
+def _auto_count(least: int) -> BeforeValidator:
+    """The check of an AutoCount field: a whole number of at least `least`, or "auto"."""
 
-    def __class_getitem__(cls, least: int):
-        def check(value: Any) -> Any:
-            if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= least):
-                return value
-            raise ValueError(f"must be `auto` or a whole number of at least {least} (got {value!r})")
-        return Annotated[Annotated[int, Field(ge=least)] | Literal["auto"], BeforeValidator(check)]
+    def check(value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= least):
+            return value
+        raise ValueError(f"must be `auto` or a whole number of at least {least} (got {value!r})")
+    return BeforeValidator(check)
+
+
+# A whole number of at least 0 (AutoCount0) or 1 (AutoCount1), or "auto" (resolved from the machine when the run
+# starts). Spelt out, one alias per bound, so that type checkers read them as `int | Literal["auto"]`.
+AutoCount0 = Annotated[Annotated[int, Field(ge=0)] | Literal["auto"], _auto_count(0)]
+AutoCount1 = Annotated[Annotated[int, Field(ge=1)] | Literal["auto"], _auto_count(1)]
 
 
 def _without_userinfo(value: str) -> str:
@@ -81,13 +87,13 @@ class DataSpec(_Section):
         "`cifar-10-batches-py/` (cifar10). Not used by `digits`."
     )
     image_size: int = Field(224, ge=8, description="Side of the square crops fed to the network (reference: 224).")
-    workers: AutoCount[0] = Field(
+    workers: AutoCount0 = Field(
         "auto", description="Data-loading processes per training worker (the reference used 8 per GPU). `auto`: the "
         "cores this container may use (affinity and cgroup quota) shared among the node's training workers, less one "
         "for each training worker itself, at most 16, and no more than a quarter of the free /dev/shm holds a batch "
         "for. 0 loads in the worker itself.",
     )
-    prefetch: AutoCount[1] = Field(
+    prefetch: AutoCount1 = Field(
         "auto", description="Batches each loading process prepares ahead (PyTorch's default: 2). `auto`: as many as "
         "fit, from 1 to 4, in a quarter of the free /dev/shm and an eighth of the container's memory, shared among "
         "the node's training workers.",
@@ -332,7 +338,7 @@ class MonitorSpec(_Section):
     knn_temperature: float = Field(0.1, gt=0, description="Votes weigh exp(cosine similarity / T) (benchmarks: 0.1).")
 
 
-def _check_allowed_changes(spec: _Section) -> None:
+def _check_allowed_changes(spec: TrainSpec | EvaluateSpec) -> None:
     """Every entry of checkpoint.allow_changes names a field or a section of `spec` (a typo would allow nothing)."""
     values = spec.model_dump(mode="json")
     unknown = unknown_names(spec.checkpoint.allow_changes, values)
@@ -403,7 +409,7 @@ class EvalDataSpec(_Section):
     )
     path: Location | None = Field(None, description="As `data.path`.")
     image_size: int = Field(224, ge=8, description="Crop side; validation resizes to size*256/224, then centre-crops.")
-    workers: AutoCount[0] = Field("auto", description="As `data.workers` (the reference used 8).")
+    workers: AutoCount0 = Field("auto", description="As `data.workers` (the reference used 8).")
     train_percent: Literal[1, 10, 100] = Field(
         100, description="Labelled share of the training split (reference: 100 for the linear probe, 1 or 10 for "
         "semi-supervised finetuning)."
@@ -501,8 +507,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return result
 
 
-def load_spec(path: str | Path | None, overrides: list[str] = (), world_size: int | None = None,
-              kind: type[_Section] | None = None) -> TrainSpec | EvaluateSpec:
+@overload
+def load_spec(path: str | Path | None, overrides: Sequence[str] = (), world_size: int | None = None,
+              kind: type[TrainSpec] | None = None) -> TrainSpec: ...
+@overload
+def load_spec(path: str | Path | None, overrides: Sequence[str] = (), world_size: int | None = None, *,
+              kind: type[EvaluateSpec]) -> EvaluateSpec: ...
+@overload
+def load_spec(path: str | Path | None, overrides: Sequence[str] = (), world_size: int | None = None,
+              kind: type[TrainSpec] | type[EvaluateSpec] | None = None) -> TrainSpec | EvaluateSpec: ...
+def load_spec(path: str | Path | None, overrides: Sequence[str] = (), world_size: int | None = None,
+              kind: type[TrainSpec] | type[EvaluateSpec] | None = None) -> TrainSpec | EvaluateSpec:
     """Read a YAML spec (or the defaults when `path` is None), apply overrides, validate as `kind` (TrainSpec).
 
     `path` is a file, an fsspec URL (s3://bucket/specs/x.yaml, read with the overrides' storage.* settings), or
@@ -518,7 +533,7 @@ def load_spec(path: str | Path | None, overrides: list[str] = (), world_size: in
         raise SpecError(describe_errors(error, source=str(path or "the spec"), root=kind)) from None
 
 
-def read_spec_data(source: str, overrides: list[str] = ()) -> dict[str, Any]:
+def read_spec_data(source: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """The mapping of sections a spec source holds (a file, a URL or env:NAME; see load_spec)."""
     data = safe_yaml(read_spec_text(source, overrides), f"spec {source}") or {}
     if not isinstance(data, dict):
@@ -533,7 +548,7 @@ def spec_digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def read_spec_text(source: str, overrides: list[str] = ()) -> str:
+def read_spec_text(source: str, overrides: Sequence[str] = ()) -> str:
     """A spec's text from a file, an fsspec URL or env:NAME. A shipped spec (env:NAME) is checked against
     NAME_SHA256 when that is set: the pods run what was validated at submission, or nothing."""
     if source.startswith(SPEC_ENV_PREFIX):
@@ -550,7 +565,7 @@ def read_spec_text(source: str, overrides: list[str] = ()) -> str:
     return _read_spec_file(source.removeprefix("file://")).decode("utf-8", errors="replace")
 
 
-def _read_spec_url(url: str, overrides: list[str]) -> str:
+def _read_spec_url(url: str, overrides: Sequence[str]) -> str:
     from service.storage.filesystem import StorageError, explain, filesystem, storage_errors
 
     settings = apply_overrides({}, [o for o in overrides if o.partition("=")[0].startswith("storage.")])
@@ -631,7 +646,7 @@ def safe_yaml(text: str | bytes, source: str) -> Any:
         loader.dispose()
 
 
-def spec_kind(path: str | Path, overrides: list[str] = ()) -> type[TrainSpec] | type[EvaluateSpec]:
+def spec_kind(path: str | Path, overrides: Sequence[str] = ()) -> type[TrainSpec] | type[EvaluateSpec]:
     """EvaluateSpec for a spec with an `eval` or `backbone` section, TrainSpec otherwise."""
     try:
         data = read_spec_data(str(path), overrides)

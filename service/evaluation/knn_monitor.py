@@ -34,7 +34,9 @@ class KnnMonitor:
 
     def due(self, epoch: int) -> bool:
         every = self.spec.knn_every_epochs
-        return bool(every) and ((epoch + 1) % every == 0 or epoch + 1 == self.epochs)
+        if not every:
+            return False
+        return (epoch + 1) % every == 0 or epoch + 1 == self.epochs
 
     def run(self, backbone: nn.Module, epoch: int, step: int, stats: TrainingStats) -> float:
         bank = gathered_features(backbone, self.bank, self.worker, self.batch_size, self.workers)

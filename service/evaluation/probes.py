@@ -37,21 +37,23 @@ def knn_scores(train_features: torch.Tensor, train_labels: torch.Tensor, feature
 
 
 @torch.no_grad()
-def gathered_features(network: nn.Module, images: Dataset, worker=None, batch_size: int = 256,
+def gathered_features(network: nn.Module, images: Dataset, worker: Worker | None = None, batch_size: int = 256,
                       workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The network's outputs (in eval mode) and the labels of every image, in the data set's order: computed in
     shares by the workers and gathered on each of them (worker=None: one process, on the CPU)."""
     worker = worker or Worker(0, 1, 0, torch.device("cpu"))
     was_training = network.training
     network.eval()
-    mine = torch.utils.data.Subset(images, shard(len(images), worker.rank, worker.world_size))
-    features, labels = [], []
+    size = len(images)  # type: ignore[arg-type]  # torch's Dataset has no __len__
+    mine = torch.utils.data.Subset(images, shard(size, worker.rank, worker.world_size))
+    feature_batches: list[torch.Tensor] = []
+    label_batches: list[torch.Tensor] = []
     for x, y in DataLoader(mine, batch_size=batch_size, num_workers=workers):
-        features.append(network(x.to(worker.device)).float().cpu())
-        labels.append(torch.as_tensor(y))
+        feature_batches.append(network(x.to(worker.device)).float().cpu())
+        label_batches.append(torch.as_tensor(y))
     network.train(was_training)
-    features = torch.cat(features) if features else torch.zeros(0, 0)
-    labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+    features = torch.cat(feature_batches) if feature_batches else torch.zeros(0, 0)
+    labels = torch.cat(label_batches) if label_batches else torch.zeros(0, dtype=torch.long)
     if worker.world_size == 1:
         return features, labels
     shares: list = [None] * worker.world_size

@@ -58,7 +58,8 @@ def resolve_job_spec(spec: str, overrides: list[str], world_size: int, kind: typ
                    env={SPEC_ENV: text, f"{SPEC_ENV}_SHA256": spec_digest(text)})
 
 
-def _validated(spec: str, overrides: list[str], world_size: int, kind: type) -> TrainSpec | EvaluateSpec:
+def _validated(spec: str, overrides: list[str], world_size: int, kind: type[TrainSpec] | type[EvaluateSpec]
+               ) -> TrainSpec | EvaluateSpec:
     found = kind_of(read_spec_data(spec, overrides))
     if found is not kind:
         component, what = ("evaluate", "an evaluation") if found is EvaluateSpec else ("train", "a training")

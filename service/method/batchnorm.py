@@ -32,6 +32,9 @@ class GlobalBatchNorm(_BatchNorm):
         centered = x - mean.view(shape)
         variance = all_reduce_sum(centered.square().sum(reduce_dims)) / count
         if self.track_running_stats:
+            # the buffers that track_running_stats=True creates (torch types them Optional)
+            assert self.num_batches_tracked is not None
+            assert self.running_mean is not None and self.running_var is not None
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)

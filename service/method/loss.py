@@ -100,6 +100,7 @@ def cross_correlation(z1: torch.Tensor, z2: torch.Tensor, communication: str = "
         dtype = torch.promote_types(z1.dtype, torch.float32)  # fp32 at least, float64 stays float64
         z1, z2 = z1.to(dtype), z2.to(dtype)
         counts = None
+        global_count: int | torch.Tensor
         if global_batch is not None:
             counts = row_counts(z1.shape[0], global_batch)  # checks this worker holds its share
             global_count = global_batch

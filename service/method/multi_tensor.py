@@ -19,8 +19,10 @@ def add(tensors: list[torch.Tensor], others: list[torch.Tensor], alpha: float) -
 
 def mul_(tensors: list[torch.Tensor], scalars: torch.Tensor | float) -> None:
     """t *= s in place, with one scalar for all (a number or a 0-d tensor) or a 1-d tensor of one per tensor."""
-    per_tensor = isinstance(scalars, torch.Tensor) and scalars.ndim == 1
-    torch._foreach_mul_(tensors, list(scalars.unbind()) if per_tensor else scalars)
+    if isinstance(scalars, torch.Tensor) and scalars.ndim == 1:  # one per tensor
+        torch._foreach_mul_(tensors, list(scalars.unbind()))
+    else:
+        torch._foreach_mul_(tensors, scalars)
 
 
 def add_(tensors: list[torch.Tensor], others: list[torch.Tensor], alpha: float = 1.0) -> None:

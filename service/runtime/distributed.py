@@ -118,10 +118,10 @@ def row_counts(rows: int, global_batch: int | None = None, device: torch.device 
         return counts
     if world == 1:
         return [rows]
-    counts = torch.zeros(world, dtype=torch.long, device=device)
-    counts[me] = rows
-    dist.all_reduce(counts)
-    return counts.tolist()
+    reduced = torch.zeros(world, dtype=torch.long, device=device)
+    reduced[me] = rows
+    dist.all_reduce(reduced)
+    return reduced.tolist()
 
 
 def gather_rows(tensor: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:

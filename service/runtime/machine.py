@@ -35,6 +35,8 @@ def _read(path: Path) -> str | None:
 def usable_cpus(cgroup: Path = CGROUP) -> float:
     cpus = float(len(os.sched_getaffinity(0)))
     v2 = _read(cgroup / "cpu.max")  # "<quota> <period>" or "max <period>"
+    quota: str | None
+    period: str | None
     if v2:
         quota, _, period = v2.partition(" ")
     else:

@@ -27,6 +27,7 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -294,12 +295,14 @@ class CheckpointManager:
             if not self._everyone_agrees(_all_finite(staged)):
                 raise NonFiniteState(f"the state after step {step} holds NaN or infinity")
             objects = dcp_io.save(staged, url, options, self.group)
-            everyone = [None] * self.worker.world_size if self.worker.is_main else None
+            # rank 0's buffer for gather_object: a None per rank, each replaced by that rank's objects
+            everyone: list[Any] | None = [None] * self.worker.world_size if self.worker.is_main else None
             if self.group is not None:
                 dist.gather_object(objects, everyone, dst=0, group=self.group)
             else:
                 everyone = [objects]
             if self.worker.is_main:
+                assert everyone is not None  # rank 0's buffer
                 self._commit(url, state, everyone)
         except NonFiniteState as error:
             self.failed.append(step)
@@ -351,8 +354,9 @@ class CheckpointManager:
         newest = trusted[-1].step
         keep = {c.step for c in trusted[-self.spec.keep_last:]}
         if self.spec.keep_every_epochs:
-            keep |= {c.step for c in checkpoints if c.valid and c.manifest["batch_in_epoch"] == 0 and c.epoch > 0
-                     and c.epoch % self.spec.keep_every_epochs == 0}
+            keep |= {c.step for c in checkpoints if c.valid and c.manifest is not None  # a valid one has a manifest
+                     and c.manifest["batch_in_epoch"] == 0 and c.manifest["epoch"] > 0
+                     and c.manifest["epoch"] % self.spec.keep_every_epochs == 0}
         for checkpoint in checkpoints:
             if checkpoint.step < newest and checkpoint.step not in keep:
                 fs, path = filesystem(checkpoint.url, self.storage)
@@ -429,11 +433,13 @@ class CheckpointManager:
 
     def _tell_lease(self) -> None:
         if self.lease is not None:
+            assert self.run_id is not None  # both callers set it first
             self.lease.set_run_id(self.run_id)
 
     def _load(self, checkpoint: CheckpointInfo) -> None:
         """Read the checkpoint into host copies of the state, checking every object; only a checkpoint read whole
         and verified is put into the model and the optimizer."""
+        assert checkpoint.manifest is not None  # only valid checkpoints are loaded
         model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
         staged = {"model": _copy_to_host(model_state), "optimizer": _copy_to_host(optimizer_state)}
         dcp_io.load(staged, checkpoint.url, checkpoint.objects, fsspec_options(checkpoint.url, self.storage),
@@ -445,6 +451,7 @@ class CheckpointManager:
 
     def _resumed_from(self, checkpoint: CheckpointInfo) -> int:
         manifest = checkpoint.manifest
+        assert manifest is not None  # only valid checkpoints are resumed from
         own = checkpoint.url.rstrip("/").startswith(f"{self.root}/")
         if own:
             self.run_id = checkpoint.run_id or new_run_id()  # checkpoints older than run ids get one now
@@ -466,6 +473,7 @@ class CheckpointManager:
 
     def _check_resumable(self, checkpoint: CheckpointInfo) -> None:
         """Refuse a checkpoint of another run, of another recipe, or of another number of steps per epoch."""
+        assert checkpoint.manifest is not None  # only valid checkpoints are checked
         lineage = self.lease.previous.run_id if self.lease is not None and self.lease.previous else None
         if self.spec.resume == "auto" and lineage and checkpoint.run_id and checkpoint.run_id != lineage:
             raise CheckpointError(

@@ -57,7 +57,7 @@ class _ChecksummingFileSystem(FileSystem):
                 yield stream
                 return
             counted = _ChecksumStream(stream)
-            yield counted
+            yield counted  # type: ignore[misc]  # duck-typed: an IOBase subclass would not pass close() etc. through
         with self._lock:
             self.objects[os.path.basename(os.fspath(path))] = {"size": counted.size, "crc32": counted.crc32}
 
@@ -69,6 +69,8 @@ class _ChecksummingFileSystem(FileSystem):
 
 class ChecksummingWriter(FsspecWriter):
     """A DCP writer to any fsspec URL that never overwrites and records what it wrote in `objects`."""
+
+    fs: _ChecksummingFileSystem  # type: ignore[assignment]  # torch types `fs` as its base's (not fsspec's) FileSystem
 
     def __init__(self, url: str, **fsspec_options: Any):
         # fsync only means something for local files; elsewhere DCP would fall back to a system-wide sync.
@@ -139,6 +141,8 @@ class _VerifyingFileSystem(FileSystem):
 
 class VerifyingReader(FsspecReader):
     """A DCP reader from any fsspec URL that loads nothing it has not checked against the manifest's objects."""
+
+    fs: _VerifyingFileSystem  # type: ignore[assignment]  # torch types `fs` as its base's (not fsspec's) FileSystem
 
     def __init__(self, url: str, expected: dict[str, dict[str, int]], **fsspec_options: Any):
         super().__init__(url, **fsspec_options)

@@ -15,8 +15,12 @@ from service.storage.filesystem import StorageError, explain, filesystem, fsspec
 def backbone_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The backbone's weights with torchvision key names, on the CPU, whatever wraps the model (DDP, compile)."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return {key: value.detach().cpu().clone() for key, value in model.backbone.state_dict().items()}
+        inner = getattr(model, "module", None) or model._orig_mod
+        assert isinstance(inner, nn.Module)  # DDP's module, torch.compile's original module
+        model = inner
+    backbone = model.backbone
+    assert isinstance(backbone, nn.Module)
+    return {key: value.detach().cpu().clone() for key, value in backbone.state_dict().items()}
 
 
 def write_backbone(state: dict[str, torch.Tensor], url: str, storage: StorageSpec) -> None:
@@ -53,6 +57,7 @@ def checkpoint_backbone(checkpoint_url: str, storage: StorageSpec) -> dict[str, 
     checkpoint = inspect_checkpoint(checkpoint_url, storage)
     if not checkpoint.valid:
         raise CheckpointError(f"{checkpoint_url} cannot be read: {checkpoint.problem}")
+    assert checkpoint.manifest is not None  # a valid checkpoint has one
     model = BarlowTwins(ModelSpec.model_validate(checkpoint.manifest["spec"]["model"]))
     state = {"model": model.state_dict()}
     try:  # every object is checked against the manifest as it is read: a corrupt checkpoint is never exported
