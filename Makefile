@@ -37,9 +37,11 @@ test: lint
 test-fast: lint
 	$(BIN)/python -m pytest -m "not slow"
 
-## lint: ruff (pycodestyle, pyflakes, import order, blind excepts; settings in pyproject.toml) on code, tests, benchmarks
+## lint: ruff (pycodestyle, pyflakes, import order, blind excepts) on code, tests and benchmarks, then mypy on
+## service/, components/ and bench/ (settings of both in pyproject.toml)
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 ## lock: regenerate constraints.txt from pyproject.toml (a fresh venv with the runtime dependencies only)
 lock:

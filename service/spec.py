@@ -410,6 +410,7 @@ class EvalDataSpec(_Section):
     path: Location | None = Field(None, description="As `data.path`.")
     image_size: int = Field(224, ge=8, description="Crop side; validation resizes to size*256/224, then centre-crops.")
     workers: AutoCount0 = Field("auto", description="As `data.workers` (the reference used 8).")
+    prefetch: AutoCount1 = Field("auto", description="As `data.prefetch`.")
     train_percent: Literal[1, 10, 100] = Field(
         100, description="Labelled share of the training split (reference: 100 for the linear probe, 1 or 10 for "
         "semi-supervised finetuning)."

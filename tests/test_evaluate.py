@@ -170,6 +170,15 @@ def test_rerun_resumes_the_finished_evaluation_instead_of_training_again(random_
         [line for line in stats_of(tmp_path) if "loss" in line and line["epoch"] == 0])
 
 
+@pytest.mark.parametrize("workers", ["auto", "1"])
+def test_evaluation_with_loading_processes_equals_loading_in_process(random_backbone, tmp_path, workers):
+    """data.workers auto (one process on two cores) or 1 reads the same images as 0 (specs/digits-linear.yaml)."""
+    in_process = evaluate(digits_eval(random_backbone, tmp_path / "0", "eval.mode=knn"), command="test")
+    loaded = evaluate(digits_eval(random_backbone, tmp_path / workers, "eval.mode=knn", f"data.workers={workers}",
+                                  "data.prefetch=auto"), command="test")
+    assert (loaded.acc1, loaded.acc5) == (in_process.acc1, in_process.acc5)
+
+
 def test_knn_mode_matches_the_probe_computed_directly(random_backbone, tmp_path):
     from service.data.datasets import labelled_images
     from service.data.loader import Transformed

@@ -123,9 +123,7 @@ class LoaderSettings:
                 )
         prefetch: int | None = None
         if workers:
-            # EvalDataSpec has no `prefetch`: an evaluation with loading processes raises AttributeError here, as it
-            # did before this line was typed (left as it is: a fix would change behaviour)
-            wanted: int | Literal["auto"] = spec.prefetch  # type: ignore[union-attr]  # EvalDataSpec: see above
+            wanted: int | Literal["auto"] = spec.prefetch
             if wanted == "auto":
                 room = min(shared // 4 if shared else machine.memory, machine.memory // 8 // local_workers)
                 prefetch = max(1, min(4, int(room // (workers * batch_bytes))))
