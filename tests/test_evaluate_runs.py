@@ -16,11 +16,9 @@ from service.evaluation.compare import (
     PRETRAINED,
     PRETRAINING_INIT,
     PROBES,
-    compare,
-    format_table,
     strongest_untrained,
 )
-from service.spec import StorageSpec, load_spec
+from service.spec import StorageSpec
 from service.storage.filesystem import filesystem
 from tests.s3_server import TEST_CREDENTIALS
 
@@ -39,7 +37,7 @@ def run(*args: str, nproc: int | None = None, threads: int = 1, timeout: int = 9
 
 @pytest.fixture(scope="module")
 def pretrained(s3_server) -> tuple[str, StorageSpec]:
-    """The demo's pretraining (specs/digits.yaml: 30 epochs, kNN monitor every 5) on S3, as make demo runs it."""
+    """The demo's pretraining (specs/digits.yaml: 30 epochs, kNN monitor every 10) on S3, as make demo runs it."""
     run_url = f"{s3_server.create_bucket('pretrained')}/digits"
     run("train", "specs/digits.yaml", "--set", f"run.output={run_url}", "--set",
         f"storage.endpoint_url={s3_server.endpoint_url}", nproc=1, threads=2)
@@ -58,7 +56,7 @@ def test_the_knn_monitor_logs_during_pretraining(pretrained, aws_env):
     lines = [json.loads(line) for line in fs.cat_file(f"{path}/stats.txt").decode().splitlines()
              if line.startswith("{")]
     monitor = [line for line in lines if "knn_top1" in line]
-    assert [line["epoch"] for line in monitor] == [4, 9, 14, 19, 24, 29]
+    assert [line["epoch"] for line in monitor] == [9, 19, 29]
     assert monitor[-1]["knn_top1"] > monitor[0]["knn_top1"]
 
 
@@ -82,14 +80,20 @@ def test_pretraining_beats_the_untrained_network_and_raw_pixels(pretrained, aws_
     """The demo's promise (README): its backbone beats the strongest untrained network on every probe, and raw
     pixels on the linear probe."""
     run_url, storage = pretrained
-    spec = load_spec(ROOT / "specs" / "digits.yaml", [f"storage.endpoint_url={storage.endpoint_url}"])
-    results = compare(spec, f"{run_url}/resnet18.pth")
-    print(format_table(results))
+    printed = run("compare", "specs/digits.yaml", "--weights", f"{run_url}/resnet18.pth", "--set",
+                  f"storage.endpoint_url={storage.endpoint_url}", threads=2)
+    print(printed)
+    table = printed[printed.index("held-out accuracy"):].splitlines()
+    assert table[0].split()[2:] == ["kNN", "(k=200)", "linear", "5-shot", "1-NN"]
+    results = {name: dict(zip(PROBES, map(float, scores))) for name, *scores in
+               (line.rsplit(maxsplit=3) for line in table[1:5])}
     assert list(results) == [PRETRAINED, DEFAULT_INIT, PRETRAINING_INIT, PIXELS]
     ours, bar, pixels = results[PRETRAINED], strongest_untrained(results), results[PIXELS]
     knn, linear, few_shot = PROBES
-    # measured (README): kNN MEASURED_KNN, linear MEASURED_LINEAR, 5-shot MEASURED_FEW
-    assert ours[knn] >= bar[knn] + MARGIN_KNN, results
-    assert ours[linear] >= bar[linear] + MARGIN_LINEAR, results
-    assert ours[few_shot] >= bar[few_shot] + MARGIN_FEW, results
-    assert ours[linear] >= pixels[linear] + MARGIN_PIXELS, results
+    # measured (README): kNN 0.892 against 0.809, 5-shot 0.871 against 0.800 (both bars: the default
+    # initialisation); held with room. Linear 0.978 against 0.975 (default init) and 0.974 (pixels): 2 and 3 of the
+    # 719 held-out digits, so held as strictly better, no more
+    assert ours[knn] >= bar[knn] + 0.05, results
+    assert ours[few_shot] >= bar[few_shot] + 0.04, results
+    assert ours[linear] > bar[linear], results
+    assert ours[linear] > pixels[linear], results
