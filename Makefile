@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 ## demo: pretrain on the built-in digits on the CPU, then compare with the untrained network and raw pixels. One
-## torchrun worker with a thread per core: faster here than a worker per core (1.5 against 2.0 s a step on 2 cores)
+## torchrun worker with a thread per core: faster here than a worker per core (1.5 against 2.0 s a step, 2 cores)
 demo: NPROC = 1
 demo: export OMP_NUM_THREADS = $(shell nproc)
 demo: train

@@ -163,7 +163,7 @@ def test_apply_overrides_types_and_copy():
 
 def test_overrides_win_over_the_file():
     path = SPECS / "digits.yaml"
-    assert load_spec(path).optim.epochs == 10
+    assert load_spec(path).optim.epochs == 30  # the file says 30, the default is 1000
     assert load_spec(path, ["optim.epochs=3"]).optim.epochs == 3
 
 
