@@ -1,4 +1,8 @@
-"""What the tests read from a run's log: the step a run says it resumed from."""
+"""What the tests read from a run's log: the step a run says it resumed from.
+
+Runs are deterministic, so a resume from too early a step (or none) trains the same steps again and ends with the
+same outputs: comparing outputs cannot tell, and any progress line contains "step N". Only the resumed step can.
+"""
 
 from __future__ import annotations
 
