@@ -19,11 +19,10 @@ import os
 import shlex
 import sys
 
-from service.spec import EvaluateSpec, SpecError, StorageSpec, json_schema, load_spec, spec_kind, spec_to_yaml
-from service.storage.filesystem import StorageError, explain, require_exists, storage_errors
-
 # torch and the training modules are imported where a command needs them: `barlow submit`, `validate` and
 # `schema` start in a fraction of the time
+from service.spec import EvaluateSpec, SpecError, StorageSpec, json_schema, load_spec, spec_kind, spec_to_yaml
+from service.storage.filesystem import StorageError, explain, require_exists, storage_errors
 from service.storage.redaction import redact_arguments
 
 log = logging.getLogger("barlow")
