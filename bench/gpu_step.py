@@ -94,7 +94,7 @@ def main() -> None:
                 epoch = 0
                 while True:
                     sampler.set_epoch(epoch)
-                    for index, (y1, y2) in enumerate(loader):
+                    for index, (y1, y2, _) in enumerate(loader):
                         y1, y2 = y1.to(device, non_blocking=True), y2.to(device, non_blocking=True)
                         yield color((y1, y2), epoch, index, (0, args.batch))
                     epoch += 1

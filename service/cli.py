@@ -8,6 +8,8 @@
     barlow submit SPEC --scheduler local_cwd|kubernetes  launch through TorchX (and status / logs / cancel)
     barlow evaluate SPEC [--set ...]                     linear probe, finetune or kNN of a backbone (evaluation spec)
     barlow compare SPEC [--weights W]                    pretrained vs untrained networks vs raw pixels, held out
+    barlow data pack SOURCE DEST                         an ImageFolder or the digits as shards at any URL
+    barlow data ls URL                                   a packed data set's splits: samples, classes, shards, bytes
 """
 
 from __future__ import annotations
@@ -73,6 +75,22 @@ def _parser() -> argparse.ArgumentParser:
         description="Write a checkpoint's backbone as a torchvision state_dict (no fc)."))
     export.add_argument("checkpoint", help="a checkpoint, e.g. s3://bucket/runs/x/checkpoints/step-000012500")
     export.add_argument("out", help="where to write the .pth file (path or URL)")
+
+    data = commands.add_parser("data", help="Pack a data set into shards on object storage, list one.")
+    data_actions = data.add_subparsers(dest="action", required=True)
+    pack = with_storage(data_actions.add_parser(
+        "pack", help="Pack an ImageFolder (train/ and val/, or one folder of class folders) or `digits` into tar "
+        "shards and an index at DEST (data.dataset: shards).", description="Pack an ImageFolder (train/ and val/, "
+        "or one folder of class folders) or `digits` into tar shards and an index at DEST. Every image is decoded "
+        "once: corrupt ones are listed and left out. A pack that stopped continues where it was; the index is "
+        "written last."))
+    pack.add_argument("source", help="an ImageFolder's root, or `digits` (the built-in 8x8 digits)")
+    pack.add_argument("dest", help="where the packed data set goes, e.g. s3://bucket/imagenet (a path works too)")
+    pack.add_argument("--shard-mb", type=int, default=512, help="shard size in MB (default 512)")
+    pack.add_argument("--processes", type=int, default=None, help="packing processes (default: one per core)")
+    data_list = with_storage(data_actions.add_parser("ls", help="Print a packed data set's splits.",
+                                                     description="Print a packed data set's splits."))
+    data_list.add_argument("url", help="a packed data set, e.g. s3://bucket/imagenet")
 
     submit = commands.add_parser(
         "submit", help="Launch a job through TorchX (local_cwd or Kubernetes), as torchx run would.",
@@ -212,6 +230,40 @@ def _print_checkpoints(run: str, storage: StorageSpec, verify: bool) -> int:
     return 1 if corrupt else 0
 
 
+def _data(args: argparse.Namespace) -> int:
+    from service.data.pack import pack
+    from service.data.shard_reader import read_index, split_url
+
+    storage = _storage(args)
+    if args.action == "pack":
+        reports = pack(args.source, args.dest, storage, shard_bytes=args.shard_mb * 10**6, processes=args.processes,
+                       progress=sys.stderr.isatty())
+        for report in reports:
+            left_out = report.index.meta["left_out"]
+            print(f"{args.dest}/{report.split}: {len(report.index)} images, {len(report.index.classes)} classes, "
+                  f"{len(report.index.shards)} shards ({report.resumed_shards} from an earlier pack), "
+                  f"{report.index.total_bytes / 1e6:.1f} MB; {len(left_out)} left out"
+                  + "".join(f"\n  left out {item['name']}: {item['error']}" for item in left_out))
+        return 0
+    from service.data.pack import PLAN
+    from service.storage.filesystem import filesystem
+
+    fs, path = filesystem(args.url, storage)
+    splits = [split for split in ("train", "val") if fs.exists(f"{path}/{split}")]
+    if not splits:
+        require_exists(args.url, storage)
+        raise StorageError(f"{args.url}: no train/ or val/ split here: is it a packed data set?")
+    for split in splits:
+        if fs.exists(f"{path}/{split}/{PLAN}") and not fs.exists(f"{path}/{split}/index.npz"):
+            print(f"{split}: packing did not finish (no index yet): run barlow data pack again to complete it")
+            continue
+        index = read_index(split_url(args.url, split), storage)
+        print(f"{split}: {len(index)} images, {len(index.classes)} classes, {len(index.shards)} shards, "
+              f"{index.total_bytes / 1e6:.1f} MB, {len(index.meta['left_out'])} left out at packing; classes "
+              f"{', '.join(index.classes[:5])}{', ...' if len(index.classes) > 5 else ''}")
+    return 0
+
+
 def _evaluate(args: argparse.Namespace, argv: list[str] | None) -> int:
     from service.evaluation.evaluate import evaluate
 
@@ -237,7 +289,7 @@ def _configure_logging() -> None:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """What a user's input causes: one line and exit 2. Evaluated only when an exception reaches main."""
-    from service.data.datasets import DataError
+    from service.data.errors import DataError
     from service.runtime.metrics import NonFiniteLoss
     from service.storage.checkpoint import CheckpointError
 
@@ -260,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
             return _submit(args)
         if args.command in ("status", "logs", "cancel"):
             return _manage(args)
+        if args.command == "data":
+            return _data(args)
         if args.command == "checkpoints":
             return _print_checkpoints(args.run, _storage(args), args.verify)
         if args.command == "export":
@@ -307,10 +361,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"barlow: {error}", file=sys.stderr)
         return 2
     except storage_errors() as error:  # reading a run or a checkpoint: bad credentials, endpoint, bucket
-        if args.command not in ("checkpoints", "export"):
+        where = {"checkpoints": "run", "export": "checkpoint", "data": "url" if args.command == "data" and
+                 args.action == "ls" else "dest"}.get(args.command)
+        if where is None:
             raise
-        print(f"barlow: {explain(args.run if args.command == 'checkpoints' else args.checkpoint, error)}",
-              file=sys.stderr)
+        print(f"barlow: {explain(getattr(args, where), error)}", file=sys.stderr)
         return 2
 
 

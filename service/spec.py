@@ -76,16 +76,29 @@ class _Section(BaseModel):
 
 
 class DataSpec(_Section):
-    dataset: Literal["imagefolder", "cifar10", "digits"] = Field(
+    dataset: Literal["imagefolder", "cifar10", "digits", "shards"] = Field(
         "imagefolder",
         description="`imagefolder`: an ImageNet-style tree with a `train/` folder of one sub-folder per class "
         "(the reference's layout); `cifar10`: torchvision's CIFAR-10 files, never downloaded; `digits`: the "
-        "8x8 handwritten digits that scikit-learn ships, upscaled (no download, the built-in demo).",
+        "8x8 handwritten digits that scikit-learn ships, upscaled (no download, the built-in demo); `shards`: a "
+        "data set packed by `barlow data pack`, read by index from any URL (s3://...), through `storage`.",
     )
     path: Location | None = Field(
         None, description="Root of the data set: the folder holding `train/` (imagefolder) or CIFAR-10's "
-        "`cifar-10-batches-py/` (cifar10). Not used by `digits`."
+        "`cifar-10-batches-py/` (cifar10), or the URL `barlow data pack` wrote (shards). Not used by `digits`."
     )
+    cache: Location | None = Field(
+        None, description="shards: a node-local folder (an SSD) where whole shards are cached, filled in the "
+        "background while training reads, so later epochs read locally. Unset: every read is remote."
+    )
+    cache_max_gb: float = Field(100.0, gt=0, description="shards: the most the cache may hold, in GB (1e9 bytes).")
+    on_error: Literal["fail", "skip"] = Field(
+        "fail", description="A sample that cannot be read or decoded: `fail` ends the run naming it (and its "
+        "shard); `skip` trains on a deterministic other sample in its place (a function of seed, epoch and "
+        "index), logs it once and counts it in stats.txt (`skipped`)."
+    )
+    max_errors: int = Field(100, ge=0, description="on_error=skip: the run fails once more distinct samples than "
+                            "this were skipped.")
     image_size: int = Field(224, ge=8, description="Side of the square crops fed to the network (reference: 224).")
     workers: AutoCount0 = Field(
         "auto", description="Data-loading processes per training worker (the reference used 8 per GPU). `auto`: the "
@@ -404,10 +417,12 @@ class BackboneSpec(_Section):
 class EvalDataSpec(_Section):
     """The labelled data: `train` to fit the classifier on, the held-out split to report."""
 
-    dataset: Literal["imagefolder", "cifar10", "digits"] = Field(
-        "imagefolder", description="As `data.dataset`; imagefolder reads `train/` and `val/`."
+    dataset: Literal["imagefolder", "cifar10", "digits", "shards"] = Field(
+        "imagefolder", description="As `data.dataset`; imagefolder and shards read `train/` and `val/`."
     )
     path: Location | None = Field(None, description="As `data.path`.")
+    cache: Location | None = Field(None, description="As `data.cache`.")
+    cache_max_gb: float = Field(100.0, gt=0, description="As `data.cache_max_gb`.")
     image_size: int = Field(224, ge=8, description="Crop side; validation resizes to size*256/224, then centre-crops.")
     workers: AutoCount0 = Field("auto", description="As `data.workers` (the reference used 8).")
     prefetch: AutoCount1 = Field("auto", description="As `data.prefetch`.")

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from service.data.datasets import labelled_images
-from service.data.loader import LoaderSettings, two_view_loader
+from service.data.loader import LoaderSettings, SkippedSamples, two_view_loader
 from service.evaluation.knn_monitor import KnnMonitor
 from service.method.batchnorm import convert_sync_batchnorm
 from service.method.color import DeviceColor
@@ -100,7 +100,7 @@ def train(spec: TrainSpec, command: str, force: bool = False) -> TrainResult:
 
 def _train(spec: TrainSpec, command: str, worker: distributed.Worker, force: bool) -> TrainResult:
     torch.manual_seed(spec.run.seed)
-    images = labelled_images(spec.data, train=True)
+    images = labelled_images(spec.data, train=True, storage=spec.storage)
     color_on_device = spec.augment.color_on == "device" or (
         spec.augment.color_on == "auto" and worker.device.type == "cuda")
     share = shard(spec.optim.batch_size, worker.rank, worker.world_size)  # as GlobalBatchSampler's slice
@@ -119,8 +119,9 @@ def _train(spec: TrainSpec, command: str, worker: distributed.Worker, force: boo
         local_workers=distributed.local_world_size(), cuda=worker.device.type == "cuda")
     loader, sampler = two_view_loader(
         images, views, global_batch=spec.optim.batch_size, rank=worker.rank, world_size=worker.world_size,
-        seed=spec.run.seed, settings=loading,
+        seed=spec.run.seed, settings=loading, on_error=spec.data.on_error,
     )
+    skipped = SkippedSamples(spec.data.max_errors) if spec.data.on_error == "skip" else None
     steps_per_epoch = len(loader)
     total_steps = spec.optim.epochs * steps_per_epoch
 
@@ -175,7 +176,9 @@ def _train(spec: TrainSpec, command: str, worker: distributed.Worker, force: boo
         first_epoch, first_batch = divmod(step, steps_per_epoch)
         for epoch in range(first_epoch, spec.optim.epochs):
             sampler.set_epoch(epoch, start_batch=first_batch if epoch == first_epoch else 0)
-            for y1, y2 in loader:
+            for y1, y2, replaced in loader:
+                if skipped is not None:
+                    skipped.add(replaced)
                 y1 = y1.to(worker.device, non_blocking=True)
                 y2 = y2.to(worker.device, non_blocking=True)
                 if device_color is not None:
@@ -189,7 +192,8 @@ def _train(spec: TrainSpec, command: str, worker: distributed.Worker, force: boo
                 if step % spec.run.log_every == 0:
                     stop_if_diverged()
                     last_loss = loss.item()
-                    stats.log(epoch=epoch, step=step, lr_weights=lr_weights, lr_biases=lr_biases, loss=last_loss)
+                    stats.log(epoch=epoch, step=step, lr_weights=lr_weights, lr_biases=lr_biases, loss=last_loss,
+                              **({} if skipped is None else dict(skipped=skipped.count())))
                 stats.advance()
                 step += 1
                 if preemption.agreed():

@@ -15,7 +15,8 @@ import boto3
 import PIL.Image
 import pytest
 
-from service.data.datasets import Cifar10, DataError, ImageFolder
+from service.data.datasets import Cifar10, ImageFolder
+from service.data.errors import DataError
 from tests.s3_server import TEST_CREDENTIALS, S3Server, free_port
 from tests.test_checkpoint import Training
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torchvision import tv_tensors
 
-from service.data.datasets import Cifar10, DataError, Digits, ImageFolder, digits_is_test
+from service.data.datasets import Cifar10, Digits, ImageFolder, digits_is_test
+from service.data.errors import DataError
 from service.data.loader import GlobalBatchSampler, LoaderSettings, TwoViews, two_view_loader
 from service.method.transforms import two_view_pipelines
 from service.runtime.machine import Machine
@@ -99,7 +100,7 @@ def test_loader_processes_do_not_change_the_batches():
         sampler.set_epoch(1)
         batches[workers] = list(loader)
     assert len(batches[0]) == len(batches[2]) == len(images) // 32
-    for (a1, a2), (b1, b2) in zip(batches[0], batches[2]):
+    for (a1, a2, _), (b1, b2, _) in zip(batches[0], batches[2]):
         assert torch.equal(a1, b1) and torch.equal(a2, b2)
         assert a1.shape == (16, 3, 16, 16)
 

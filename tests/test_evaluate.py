@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from service.data.datasets import DataError, ImageFolder
+from service.data.datasets import ImageFolder
+from service.data.errors import DataError
 from service.data.subsets import balanced_indices, indices_from_list, read_subset_list
 from service.evaluation.evaluate import BackboneChanged, _check_unchanged, backbone_state, evaluate
 from service.evaluation.probes import knn_scores, linear_accuracy, topk_correct

@@ -14,11 +14,11 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from service.spec import DataSpec, EvalDataSpec
-
-
-class DataError(RuntimeError):
-    """The data set cannot be read as the spec says; the message says what to do."""
+from service.data.errors import DataError, SampleError
+from service.data.shard_cache import ShardCache
+from service.data.shard_reader import ShardedImages, split_url
+from service.spec import DataSpec, EvalDataSpec, StorageSpec
+from service.storage.filesystem import fsspec_options
 
 
 def digits_is_test(index: int) -> bool:
@@ -84,10 +84,20 @@ class ImageFolder(torchvision.datasets.ImageFolder):
         if not folder.is_dir():
             raise DataError(f"{folder} is not a folder: data.path must hold a {split}/ folder with one folder per "
                             "class")
-        super().__init__(str(folder), loader=decode_image_file, is_valid_file=_regular_image_file)
+        super().__init__(str(folder), loader=decode_image_file, is_valid_file=regular_image_file)
+        self.folder = folder
+
+    def __getitem__(self, index: int):
+        try:
+            return super().__getitem__(index)
+        except DataError as error:
+            raise SampleError(str(error), index, os.path.relpath(self.samples[index][0], self.folder)) from None
+
+    def sample_paths(self) -> list[str]:
+        return [path for path, _ in self.samples]
 
 
-def _regular_image_file(path: str) -> bool:
+def regular_image_file(path: str) -> bool:
     """torchvision's default test (an image extension), and a file with that name must be a regular file: a FIFO,
     a socket or a device would block or fail the loader in the middle of training."""
     if not torchvision.datasets.folder.has_file_allowed_extension(path, torchvision.datasets.folder.IMG_EXTENSIONS):
@@ -101,17 +111,28 @@ def _regular_image_file(path: str) -> bool:
     return True
 
 
-LabelledImages = Digits | Cifar10 | ImageFolder
+LabelledImages = Digits | Cifar10 | ImageFolder | ShardedImages
 """The labelled image sets (each has `targets`, a label per image)."""
 
 
-def labelled_images(spec: DataSpec | EvalDataSpec, train: bool = True) -> LabelledImages:
+def labelled_images(spec: DataSpec | EvalDataSpec, train: bool = True,
+                    storage: StorageSpec | None = None) -> LabelledImages:
+    """The split the spec names; `storage` says how to reach a packed data set's URL."""
     if spec.dataset == "digits":
         return Digits(spec.image_size, train=train)
     assert spec.path is not None  # TrainSpec and EvaluateSpec require data.path for every data set but the digits
     if spec.dataset == "cifar10":
         return Cifar10(spec.path, train=train)
-    return ImageFolder(spec.path, "train" if train else "val")
+    split = "train" if train else "val"
+    if spec.dataset == "shards":
+        storage = storage or StorageSpec()
+        url = split_url(spec.path, split)
+        images = ShardedImages(url, storage)
+        if spec.cache:
+            images.cache = ShardCache(spec.cache, int(spec.cache_max_gb * 1e9), url, images.index,
+                                      fsspec_options(url, storage))
+        return images
+    return ImageFolder(spec.path, split)
 
 
 def targets_of(images: LabelledImages) -> list[int]:

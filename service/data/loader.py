@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
-from service.data.datasets import DataError
+from service.data.errors import DataError, SampleError
 from service.data.seeds import Stream, derived_seed
+from service.data.shard_reader import ShardedImages
 from service.runtime.distributed import shard
 from service.runtime.machine import Machine
 from service.spec import DataSpec, EvalDataSpec, SpecError
@@ -27,23 +29,101 @@ log = logging.getLogger("barlow")
 MAX_AUTO_WORKERS = 16  # more processes than this add memory and start-up time faster than images per second
 
 
-class TwoViews(Dataset):
-    """Both augmented views of one sample, keyed by (epoch, index) and seeded by (seed, epoch, index)."""
+def load_samples(images: Dataset, indices: list[int]) -> list[tuple[torch.Tensor, int] | SampleError]:
+    """Each sample of `indices`, or the SampleError that says why it cannot be read: a packed data set fetches
+    them all at once (`load_many`), the others one by one."""
+    if isinstance(images, ShardedImages):
+        return images.load_many(indices)
+    out: list[tuple[torch.Tensor, int] | SampleError] = []
+    for index in indices:
+        try:
+            out.append(images[index])
+        except SampleError as error:
+            out.append(error)
+    return out
 
-    def __init__(self, images: Dataset, views: tuple[v2.Transform, v2.Transform], seed: int):
+
+class TwoViews(Dataset):
+    """Both augmented views of one sample, keyed by (epoch, index) and seeded by (seed, epoch, index), and the
+    index of the sample a substitute stands in for (-1: none).
+
+    `on_error="skip"`: a sample that cannot be read or decoded is replaced by another one drawn from
+    (seed, epoch, index), the same whatever the world size or the loader processes; `fail` raises its error.
+    """
+
+    def __init__(self, images: Dataset, views: tuple[v2.Transform, v2.Transform], seed: int,
+                 on_error: Literal["fail", "skip"] = "fail"):
         self.images = images
         self.views = views
         self.seed = seed
+        self.on_error = on_error
 
     def __len__(self) -> int:
         return len(self.images)  # type: ignore[arg-type]  # torch's Dataset has no __len__
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        epoch, index = key
-        image, _ = self.images[index]
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        epoch = keys[0][0]
+        indices = [index for _, index in keys]
+        samples = load_samples(self.images, indices)
+        replaced = [-1] * len(keys)
+        for position, sample in enumerate(samples):
+            attempt = 0
+            while isinstance(sample, SampleError):
+                if self.on_error == "fail" or attempt == MAX_SUBSTITUTES:
+                    raise sample
+                if attempt == 0:
+                    replaced[position] = indices[position]
+                    log.warning("skipping %s (data.on_error=skip): %s", sample.name, sample)
+                other = substitute(self.seed, epoch, indices[position], attempt, len(self))
+                sample = load_samples(self.images, [other])[0]
+                attempt += 1
+            samples[position] = sample
+        return [(*self.two_views(epoch, index, sample[0]), bad)  # type: ignore[index]
+                for (_, index), sample, bad in zip(keys, samples, replaced)]
+
+    def two_views(self, epoch: int, index: int, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derived_seed(Stream.SAMPLE_VIEWS, self.seed, epoch, index))
             return self.views[0](image).as_subclass(torch.Tensor), self.views[1](image).as_subclass(torch.Tensor)
+
+
+MAX_SUBSTITUTES = 16  # substitutes tried for one bad sample before giving up (each bad with data.max_errors odds)
+
+
+def substitute(seed: int, epoch: int, index: int, attempt: int, size: int) -> int:
+    """The sample that stands in for a bad `index`: another one, a function of (seed, epoch, index, attempt)."""
+    return (index + 1 + derived_seed(Stream.SUBSTITUTE, seed, epoch, index, attempt) % (size - 1)) % size
+
+
+class SkippedSamples:
+    """The distinct samples this run skipped (data.on_error=skip), over every worker, against data.max_errors."""
+
+    def __init__(self, max_errors: int):
+        self.max_errors = max_errors
+        self.mine: set[int] = set()
+        self.everyone: set[int] = set()
+
+    def add(self, replaced: torch.Tensor) -> None:
+        """A batch's substitution column (a CPU tensor from the loader: reading it does not wait for the device)."""
+        if bool((replaced >= 0).any()):
+            self.mine.update(int(i) for i in replaced[replaced >= 0])
+
+    def count(self) -> int:
+        """The distinct skipped samples of every worker, checked against the limit: at logged steps only (it
+        gathers from every worker)."""
+        gathered: list[set[int]] = [self.mine]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered = [set() for _ in range(dist.get_world_size())]
+            dist.all_gather_object(gathered, self.mine)
+        self.everyone.update(*gathered)
+        if len(self.everyone) > self.max_errors:
+            raise DataError(f"{len(self.everyone)} samples could not be read or decoded, more than data.max_errors="
+                            f"{self.max_errors}: the data set is damaged (the log names each); repair it or raise "
+                            "data.max_errors")
+        return len(self.everyone)
 
 
 class GlobalBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -147,10 +227,12 @@ def two_view_loader(
     world_size: int,
     seed: int,
     settings: LoaderSettings,
+    on_error: Literal["fail", "skip"] = "fail",
 ) -> tuple[DataLoader, GlobalBatchSampler]:
+    """Batches of (view 1, view 2, the index each substitute replaces or -1) for this rank."""
     size = len(images)  # type: ignore[arg-type]  # torch's Dataset has no __len__
     sampler = GlobalBatchSampler(size, global_batch, rank, world_size, seed)
-    loader = DataLoader(TwoViews(images, views, seed), batch_sampler=sampler, **settings.loader_options())
+    loader = DataLoader(TwoViews(images, views, seed, on_error), batch_sampler=sampler, **settings.loader_options())
     return loader, sampler
 
 

@@ -15,6 +15,7 @@ class Stream(IntEnum):
     SAMPLE_VIEWS = 0  # the per-image augmentations of one sample in one epoch
     BATCH_ORDER = 1  # an epoch's permutation of the data set
     DEVICE_COLOR = 2  # the colour parameters of one view of one global batch
+    SUBSTITUTE = 3  # the sample that stands in for one that cannot be read (data.on_error=skip)
 
 
 def derived_seed(stream: Stream, seed: int, *keys: int) -> int:

@@ -33,8 +33,8 @@ def probe_all(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor
 def compare(spec: TrainSpec, weights: str) -> dict[str, dict[str, float]]:
     """{feature source: {probe: accuracy}} for the pretrained backbone, the two untrained ones and raw pixels."""
     transform = feature_pipeline(spec.data.image_size, spec.augment.mean, spec.augment.std)
-    train = Transformed(labelled_images(spec.data, train=True), transform)
-    test = Transformed(labelled_images(spec.data, train=False), transform)
+    train = Transformed(labelled_images(spec.data, train=True, storage=spec.storage), transform)
+    test = Transformed(labelled_images(spec.data, train=False, storage=spec.storage), transform)
 
     def backbone(state: dict | None = None, zero_init_residual: bool = True) -> torch.nn.Module:
         torch.manual_seed(spec.run.seed)

@@ -22,8 +22,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from service.data.datasets import DataError, LabelledImages, labelled_images, targets_of
+from service.data.datasets import ImageFolder, LabelledImages, labelled_images, targets_of
+from service.data.errors import DataError
 from service.data.loader import LoaderSettings, Transformed
+from service.data.shard_reader import ShardedImages
 from service.data.subsets import balanced_indices, indices_from_list, read_subset_list
 from service.evaluation.probes import gathered_features, knn_scores, topk_correct
 from service.method.model import BACKBONE_FEATURES, build_backbone
@@ -93,10 +95,10 @@ def training_indices(spec: EvaluateSpec, images: LabelledImages) -> list[int] | 
     if data.train_percent == 100:
         return None
     if data.subset_list:
-        if not hasattr(images, "samples"):
-            raise DataError("data.subset_list names image files: it needs data.dataset=imagefolder")
+        if not isinstance(images, (ImageFolder, ShardedImages)):
+            raise DataError("data.subset_list names image files: it needs data.dataset imagefolder or shards")
         names = read_subset_list(data.subset_list, spec.storage)
-        return indices_from_list([path for path, _ in images.samples], names, data.subset_list)
+        return indices_from_list(images.sample_paths(), names, data.subset_list)
     return balanced_indices(targets_of(images), data.train_percent, data.subset_seed)
 
 
@@ -133,8 +135,8 @@ def evaluate(spec: EvaluateSpec, command: str, force: bool = False) -> Evaluatio
 def _evaluate(spec: EvaluateSpec, command: str, worker: distributed.Worker, force: bool) -> EvaluationResult:
     torch.manual_seed(spec.run.seed)
     train_transform, val_transform = classification_pipelines(spec.data)
-    train_images = labelled_images(spec.data, train=True)
-    val_images = labelled_images(spec.data, train=False)
+    train_images = labelled_images(spec.data, train=True, storage=spec.storage)
+    val_images = labelled_images(spec.data, train=False, storage=spec.storage)
     indices = training_indices(spec, train_images)
     num_classes = max(targets_of(train_images)) + 1
     network = build_network(spec, num_classes).to(worker.device)

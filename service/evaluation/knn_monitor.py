@@ -29,8 +29,8 @@ class KnnMonitor:
         self.workers = loader_workers
         if self.spec.knn_every_epochs:
             transform = feature_pipeline(spec.data.image_size, spec.augment.mean, spec.augment.std)
-            self.bank = Transformed(labelled_images(spec.data, train=True), transform)
-            self.queries = Transformed(labelled_images(spec.data, train=False), transform)
+            self.bank = Transformed(labelled_images(spec.data, train=True, storage=spec.storage), transform)
+            self.queries = Transformed(labelled_images(spec.data, train=False, storage=spec.storage), transform)
 
     def due(self, epoch: int) -> bool:
         every = self.spec.knn_every_epochs

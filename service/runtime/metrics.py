@@ -80,9 +80,10 @@ class TrainingStats:
 
             self.progress = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
 
-    def log(self, *, epoch: int, step: int, lr_weights: float, lr_biases: float, loss: float) -> dict:
+    def log(self, *, epoch: int, step: int, lr_weights: float, lr_biases: float, loss: float, **extra) -> dict:
+        """One logged step: the reference's fields, then `extra` ones (data.on_error=skip's `skipped`)."""
         stats = dict(epoch=epoch, step=step, lr_weights=lr_weights, lr_biases=lr_biases, loss=loss,
-                     time=int(time.time() - self.start))
+                     time=int(time.time() - self.start), **extra)
         if self.enabled:
             print(json.dumps(stats), file=self.file)
             if self.progress is not None:
