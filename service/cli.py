@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
         "written last."))
     pack.add_argument("source", help="an ImageFolder's root, or `digits` (the built-in 8x8 digits)")
     pack.add_argument("dest", help="where the packed data set goes, e.g. s3://bucket/imagenet (a path works too)")
-    pack.add_argument("--shard-mb", type=int, default=512, help="shard size in MB (default 512)")
+    pack.add_argument("--shard-mb", type=float, default=512, help="shard size in MB (default 512)")
     pack.add_argument("--processes", type=int, default=None, help="packing processes (default: one per core)")
     data_list = with_storage(data_actions.add_parser("ls", help="Print a packed data set's splits.",
                                                      description="Print a packed data set's splits."))
@@ -236,8 +236,8 @@ def _data(args: argparse.Namespace) -> int:
 
     storage = _storage(args)
     if args.action == "pack":
-        reports = pack(args.source, args.dest, storage, shard_bytes=args.shard_mb * 10**6, processes=args.processes,
-                       progress=sys.stderr.isatty())
+        reports = pack(args.source, args.dest, storage, shard_bytes=int(args.shard_mb * 10**6),
+                       processes=args.processes, progress=sys.stderr.isatty())
         for report in reports:
             left_out = report.index.meta["left_out"]
             print(f"{args.dest}/{report.split}: {len(report.index)} images, {len(report.index.classes)} classes, "

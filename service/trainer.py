@@ -121,7 +121,7 @@ def _train(spec: TrainSpec, command: str, worker: distributed.Worker, force: boo
         images, views, global_batch=spec.optim.batch_size, rank=worker.rank, world_size=worker.world_size,
         seed=spec.run.seed, settings=loading, on_error=spec.data.on_error,
     )
-    skipped = SkippedSamples(spec.data.max_errors) if spec.data.on_error == "skip" else None
+    skipped = SkippedSamples(images, spec.data.max_errors) if spec.data.on_error == "skip" else None
     steps_per_epoch = len(loader)
     total_steps = spec.optim.epochs * steps_per_epoch
 

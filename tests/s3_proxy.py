@@ -106,10 +106,10 @@ class ProxyApp:
         stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
         try:
             rule = next((r for r in self.rules if r.take(request.method, request.path)), None)
+            if rule is not None:  # counted now: a client that times out during a slow rule cancels this handler
+                self.stats.faults[rule.kind] += 1
             delay = self.random.uniform(*self.latency) / 1000 + (rule.seconds if rule and rule.kind == "slow" else 0)
             await asyncio.sleep(delay)
-            if rule is not None:
-                self.stats.faults[rule.kind] += 1
             if rule is not None and rule.kind == "slowdown":
                 body = SLOWDOWN_BODY.format(uuid.uuid4().hex).encode()
                 self.stats.bytes_sent += len(body) * (request.method != "HEAD")

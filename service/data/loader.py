@@ -76,7 +76,6 @@ class TwoViews(Dataset):
                     raise sample
                 if attempt == 0:
                     replaced[position] = indices[position]
-                    log.warning("skipping %s (data.on_error=skip): %s", sample.name, sample)
                 other = substitute(self.seed, epoch, indices[position], attempt, len(self))
                 sample = load_samples(self.images, [other])[0]
                 attempt += 1
@@ -99,17 +98,24 @@ def substitute(seed: int, epoch: int, index: int, attempt: int, size: int) -> in
 
 
 class SkippedSamples:
-    """The distinct samples this run skipped (data.on_error=skip), over every worker, against data.max_errors."""
+    """The distinct samples this run skipped (data.on_error=skip), over every worker, against data.max_errors.
+    Each is logged once by the worker that first meets it, with the reason read again here (the loader
+    processes only mark the substitution)."""
 
-    def __init__(self, max_errors: int):
+    def __init__(self, images: Dataset, max_errors: int):
+        self.images = images
         self.max_errors = max_errors
         self.mine: set[int] = set()
         self.everyone: set[int] = set()
 
     def add(self, replaced: torch.Tensor) -> None:
         """A batch's substitution column (a CPU tensor from the loader: reading it does not wait for the device)."""
-        if bool((replaced >= 0).any()):
-            self.mine.update(int(i) for i in replaced[replaced >= 0])
+        if not bool((replaced >= 0).any()):
+            return
+        for index in sorted(set(replaced[replaced >= 0].tolist()) - self.mine):
+            error = load_samples(self.images, [index])[0]
+            log.warning("data.on_error=skip: another sample trains in place of sample %d: %s", index, error)
+            self.mine.add(index)
 
     def count(self) -> int:
         """The distinct skipped samples of every worker, checked against the limit: at logged steps only (it

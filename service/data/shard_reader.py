@@ -87,9 +87,12 @@ class ShardedImages(Dataset):
         if self._fs is None or self._fs[0] != os.getpid():
             options = fsspec_options(self.url, self.storage)
             options["skip_instance_cache"] = True  # never an instance made before this process forked
-            if "config_kwargs" in options:
-                options["config_kwargs"] = {**options["config_kwargs"], "max_pool_connections": self.concurrency}
+            if "config_kwargs" in options:  # S3: a pool for every read in flight; fetch() alone retries
+                options["config_kwargs"] = {**options["config_kwargs"], "max_pool_connections": self.concurrency,
+                                            "retries": {"total_max_attempts": 1}}
             fs, path = fsspec.core.url_to_fs(self.url, **options)
+            if hasattr(fs, "retries"):
+                fs.retries = 1  # s3fs's own retry loop: off, so that storage.retries bounds the attempts
             self._fs = (os.getpid(), fs, path)
         return self._fs[1], self._fs[2]
 

@@ -7,6 +7,7 @@ web identity for IRSA on EKS).
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import uuid
@@ -33,7 +34,7 @@ def is_remote(url: str) -> bool:
 
 def fsspec_options(url: str, spec: StorageSpec) -> dict[str, Any]:
     """The fsspec options of `url`'s filesystem for the spec's storage settings."""
-    options = dict(spec.options)
+    options = copy.deepcopy(spec.options)  # the defaults below go into nested dicts: never into the spec's
     if fsspec.utils.get_protocol(url) in ("s3", "s3a"):
         if spec.endpoint_url:
             options.setdefault("endpoint_url", spec.endpoint_url)
