@@ -25,11 +25,12 @@ from service.data.datasets import ImageFolder
 from service.data.errors import DataError, SampleError
 from service.data.loader import LoaderSettings, TwoViews, two_view_loader
 from service.data.pack import PARTS, pack
+from service.data.shard_cache import ShardCache
 from service.data.shard_reader import ShardedImages, read_index
 from service.data.shards import INDEX
 from service.method.transforms import two_view_pipelines
 from service.spec import AugmentSpec, StorageSpec
-from service.storage.filesystem import StorageError
+from service.storage.filesystem import StorageError, fsspec_options
 from tests.s3_proxy import S3Proxy
 from tests.s3_server import TEST_CREDENTIALS
 
@@ -350,3 +351,108 @@ def test_fail_names_the_file_and_a_rerun_fails_the_same_way(damaged_spec, tmp_pa
         result = subprocess.run(train_command(spec, tmp_path / "fail"), capture_output=True, text=True, timeout=600)
         assert result.returncode == 2, result.stderr[-3000:]
         assert bad.name in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+# --- the node-local cache ---------------------------------------------------------------------------------------
+
+def wait_for(condition, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(180)
+def test_the_cache_fills_in_the_background_and_later_reads_are_local(proxied, tmp_path):
+    proxy, url, storage = proxied
+    shards = ShardedImages(f"{url}/train", storage)
+    shards.cache = ShardCache(str(tmp_path), 10**9, f"{url}/train", shards.index, fsspec_options(url, storage))
+    everything = list(range(len(shards)))
+    first = shards.fetch(everything)  # remote, while the filler downloads the shards
+    wait_for(lambda: all(shards.cache.local_path(n).exists() for n in range(len(shards.index.shards))))
+    proxy.reset()
+    assert shards.fetch(everything) == first
+    assert proxy.stats()["requests"].get("GET", 0) == 0  # the second epoch reads nothing remotely
+
+
+@pytest.mark.timeout(180)
+def test_the_cache_stays_within_its_size_and_reads_the_rest_remotely(proxied, tmp_path):
+    proxy, url, storage = proxied
+    shards = ShardedImages(f"{url}/train", storage)
+    budget = sum(sorted(shards.index.shard_sizes)[:2])  # room for about two shards
+    shards.cache = ShardCache(str(tmp_path), budget, f"{url}/train", shards.index, fsspec_options(url, storage))
+    everything = list(range(len(shards)))
+    first = shards.fetch(everything)
+    filler = shards.cache._filler[1]
+    filler.join(60)
+    assert not filler.is_alive()
+    cached = [n for n in range(len(shards.index.shards)) if shards.cache.local_path(n).exists()]
+    assert 1 <= len(cached) < len(shards.index.shards)
+    assert sum(shards.index.shard_sizes[n] for n in cached) <= budget
+    proxy.reset()
+    assert shards.fetch(everything) == first
+    remote = sum(1 for i in everything if int(shards.index.shard[i]) not in cached)
+    assert proxy.stats()["requests"]["GET"] == remote  # one ranged read per sample of the uncached shards
+
+
+def test_a_damaged_cached_shard_is_read_remotely_instead(folder, tmp_path):
+    pack(str(folder), str(tmp_path / "packed"), StorageSpec(), shard_bytes=10**6, processes=1, progress=False)
+    url = str(tmp_path / "packed" / "train")
+    shards = ShardedImages(url, StorageSpec())
+    shards.cache = ShardCache(str(tmp_path / "cache"), 10**9, url, shards.index, {})
+    expected = shards.fetch([3])
+    shards.cache._filler[1].join(30)
+    local = shards.cache.local_path(0)
+    local.write_bytes(bytes(len(local.read_bytes())))  # zeros: every CRC fails
+    assert shards.fetch([3]) == expected
+
+
+# --- evaluation and training read shards as they read the folder --------------------------------------------
+
+def test_evaluation_from_shards_on_s3_equals_evaluation_from_the_folder(folder, packed_s3, tmp_path):
+    from service.evaluation.evaluate import evaluate
+    from service.method.model import build_backbone
+    from service.spec import EvaluateSpec, load_spec
+
+    url, storage = packed_s3
+    torch.manual_seed(1)
+    weights = tmp_path / "resnet18.pth"
+    torch.save(build_backbone("resnet18", "cifar").state_dict(), weights)
+    subset = tmp_path / "subset.txt"
+    subset.write_text("\n".join(Path(p).name for p, _ in ImageFolder(str(folder), "train").samples[::10]))
+    results = {}
+    for name, data in (("folder", ["data.dataset=imagefolder", f"data.path={folder}"]),
+                       ("shards", ["data.dataset=shards", f"data.path={url}",
+                                   f"storage.endpoint_url={storage.endpoint_url}"])):
+        for mode in (["eval.mode=knn"], ["eval.epochs=1", "data.train_percent=10", f"data.subset_list={subset}"]):
+            spec = load_spec(None, [*data, "data.image_size=16", "data.workers=0", f"backbone.weights={weights}",
+                                    "backbone.arch=resnet18", "backbone.stem=cifar", "eval.batch_size=32",
+                                    f"run.output={tmp_path / name / mode[0]}", *mode], kind=EvaluateSpec)
+            result = evaluate(spec, command="test")
+            results.setdefault(name, []).append((result.train_images, result.acc1, result.acc5))
+    assert results["shards"] == results["folder"]
+    assert [images for images, _, _ in results["folder"]] == [10 * IMAGES_PER_CLASS, IMAGES_PER_CLASS]
+
+
+@pytest.mark.slow
+def test_training_from_shards_on_s3_equals_training_from_the_folder(folder, packed_s3, tmp_path):
+    url, storage = packed_s3
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("""data: {image_size: 16, workers: 1}
+augment: {blur: [0.0, 0.0]}
+model: {backbone: resnet18, stem: cifar, projector: 64-64}
+optim: {epochs: 2, batch_size: 30, warmup_epochs: 1}
+run: {precision: fp32, log_every: 1}
+monitor: {knn_every_epochs: 1, knn_k: 20}
+""")
+    stats = {}
+    for name, data in (("folder", ["data.dataset=imagefolder", f"data.path={folder}"]),
+                       ("shards", ["data.dataset=shards", f"data.path={url}",
+                                   f"storage.endpoint_url={storage.endpoint_url}"])):
+        output = tmp_path / name
+        result = subprocess.run(train_command(spec, output, *data), capture_output=True, text=True, timeout=600,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        lines = [json.loads(line) for line in (output / "stats.txt").read_text().splitlines()[1:]]
+        stats[name] = [(line.get("loss"), line.get("knn_top1")) for line in lines]
+    assert len(stats["folder"]) == 2 * 4 + 2 and stats["shards"] == stats["folder"]
