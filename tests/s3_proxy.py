@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import random
+import re
 import socket
 import struct
 import subprocess
@@ -87,8 +88,13 @@ class Stats:
 
 
 class ProxyApp:
-    def __init__(self, upstream: str, min_ms: float, max_ms: float, seed: int | None = None):
+    def __init__(self, upstream: str, min_ms: float, max_ms: float, seed: int | None = None, memory: bool = False):
         self.upstream = upstream.rstrip("/")
+        # memory: object GETs answered from a copy of each object fetched whole from upstream once, so that
+        # moto's own request rate (one Python thread, a few hundred requests a second) does not stand in for
+        # S3's; writes through the proxy drop the copy
+        self.memory = memory
+        self.objects: dict[str, tuple[bytes, list[tuple[str, str]]]] = {}
         self.start_latency = (min_ms, max_ms)
         self.latency = self.start_latency
         self.rules: list[Rule] = []
@@ -120,7 +126,11 @@ class ProxyApp:
             if rule is not None and rule.kind == "reset":
                 _reset(request.transport)
                 return web.Response()  # its write fails on the closed transport, which aiohttp takes quietly
-            return await self.forward(request, rule.fraction if rule and rule.kind == "truncate" else None)
+            truncate = rule.fraction if rule and rule.kind == "truncate" else None
+            if self.memory and request.method in ("GET", "HEAD") and not request.query_string:
+                return await self.from_memory(request, truncate)
+            self.objects.pop(request.path, None)
+            return await self.forward(request, truncate)
         finally:
             self.stats.in_flight -= 1  # self's: a reset in between carries in_flight over to new statistics
 
@@ -156,6 +166,39 @@ class ProxyApp:
                 truncate = 0
             if truncate is not None and request.transport is not None:
                 request.transport.close()  # close, not abort: the part of the body already written is flushed
+        return response
+
+    async def from_memory(self, request: web.BaseRequest, truncate: float | None) -> web.StreamResponse:
+        """An object GET (ranged or not) or HEAD served from the object's copy, fetched whole on first use."""
+        assert self.session is not None
+        if request.path not in self.objects:
+            headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP | {"range"}]
+            async with self.session.get(URL(self.upstream + request.raw_path, encoded=True), headers=headers) as whole:
+                if whole.status != 200:  # a missing object, an error: as upstream says
+                    return web.Response(status=whole.status, body=await whole.read(), headers={
+                        k: v for k, v in whole.headers.items() if k.lower() not in HOP_BY_HOP})
+                kept = [(k, v) for k, v in whole.headers.items() if k.lower() in ("content-type", "etag",
+                                                                                  "last-modified")]
+                self.objects[request.path] = (await whole.read(), kept)
+        data, headers = self.objects[request.path]
+        status, body = 200, data
+        extra = [("Accept-Ranges", "bytes")]
+        if match := re.fullmatch(r"bytes=(\d+)-(\d*)", request.headers.get("Range", "")):
+            start = int(match[1])
+            end = min(int(match[2]) if match[2] else len(data) - 1, len(data) - 1)
+            status, body = 206, data[start:end + 1]
+            extra.append(("Content-Range", f"bytes {start}-{end}/{len(data)}"))
+        response = web.StreamResponse(status=status)
+        for key, value in headers + extra:
+            response.headers.add(key, value)
+        response.content_length = len(body)
+        await response.prepare(request)
+        if request.method == "GET":
+            sent = body if truncate is None else body[:int(len(body) * truncate)]
+            await response.write(sent)
+            self.stats.bytes_sent += len(sent)
+            if truncate is not None and request.transport is not None:
+                request.transport.close()
         return response
 
     async def control(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -213,8 +256,9 @@ class S3Proxy:
     """Start and stop a proxy process in front of ``upstream_url``, and set its latency, faults and read its stats."""
 
     def __init__(self, upstream_url: str, port: int | None = None, min_ms: float = 20, max_ms: float = 40,
-                 host: str = "127.0.0.1", seed: int | None = None):
+                 host: str = "127.0.0.1", seed: int | None = None, memory: bool = False):
         self.upstream_url = upstream_url
+        self.memory = memory
         self.port = port or free_port()
         self.host = host
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
@@ -227,6 +271,8 @@ class S3Proxy:
                    "--port", str(self.port), "--min-ms", str(self.latency[0]), "--max-ms", str(self.latency[1])]
         if self.seed is not None:
             command += ["--seed", str(self.seed)]
+        if self.memory:
+            command.append("--memory")
         # stderr is inherited: a traceback in the proxy shows in the test's captured output
         self.process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
@@ -294,8 +340,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-ms", type=float, default=20.0)
     parser.add_argument("--max-ms", type=float, default=40.0)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--memory", action="store_true", help="answer object GETs from copies of the objects")
     args = parser.parse_args(argv)
-    app = ProxyApp(args.upstream, args.min_ms, args.max_ms, args.seed)
+    app = ProxyApp(args.upstream, args.min_ms, args.max_ms, args.seed, args.memory)
     try:
         asyncio.run(serve(app, args.host, args.port))
     except KeyboardInterrupt:

@@ -74,3 +74,19 @@ def test_gpu_benchmark_script_runs_every_configuration_on_the_cpu():
     assert list(rows) == ["fp32", "bf16", "bf16+cl", "bf16+cl+compile", "bf16+cl+compile+jpeg"]
     assert all(float(images) > 0 for images, _ in rows.values()), result.stdout
     assert rows["fp32"][1] == "1.00"
+
+
+@pytest.mark.slow
+def test_data_loading_benchmark_compares_with_webdataset():
+    result = subprocess.run([sys.executable, "bench/data_loading.py", "--images", "160", "--batch", "16",
+                             "--shard-mb", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {cells[1].strip(): cells[2:-1] for cells in (line.split("|") for line in result.stdout.splitlines()
+                                                           if line.startswith("| ") and "---" not in line)}
+    assert list(rows)[1:] == ["ours, fetch only", "webdataset, fetch only", "ours, end to end, cold",
+                              "webdataset, end to end", "ours, end to end, shard cache warm",
+                              "local folder (ImageFolder), end to end"]
+    # each reader saw every full batch of the epoch: 160 images, batch 16
+    assert all(float(row[0]) > 0 for name, row in rows.items() if name != "reader")
+    assert int(rows["ours, end to end, shard cache warm"][-1]) == 0  # the warm cache makes no request
+    assert int(rows["ours, fetch only"][-1]) >= 160  # one ranged read per image

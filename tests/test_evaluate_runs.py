@@ -90,10 +90,11 @@ def test_pretraining_beats_the_untrained_network_and_raw_pixels(pretrained, aws_
     assert list(results) == [PRETRAINED, DEFAULT_INIT, PRETRAINING_INIT, PIXELS]
     ours, bar, pixels = results[PRETRAINED], strongest_untrained(results), results[PIXELS]
     knn, linear, few_shot = PROBES
-    # measured (README): kNN 0.892 against 0.809, 5-shot 0.871 against 0.800 (both bars: the default
-    # initialisation); held with room. Linear 0.978 against 0.975 (default init) and 0.974 (pixels): 2 and 3 of the
-    # 719 held-out digits, so held as strictly better, no more
-    assert ours[knn] >= bar[knn] + 0.05, results
-    assert ours[few_shot] >= bar[few_shot] + 0.04, results
+    # measured (README): kNN 0.935 against 0.809, 5-shot 0.882 against 0.800 (both bars: the default
+    # initialisation); held with room. Linear 0.986 against 0.975 (default init) and 0.974 (pixels): 8 and 9 of the
+    # 719 held-out digits, within what another CPU's float rounding moves a run by (0.01 seen), so held as strictly
+    # better, no more
+    assert ours[knn] >= bar[knn] + 0.08, results
+    assert ours[few_shot] >= bar[few_shot] + 0.05, results
     assert ours[linear] > bar[linear], results
     assert ours[linear] > pixels[linear], results

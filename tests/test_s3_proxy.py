@@ -206,3 +206,19 @@ def test_bad_rules_are_refused(proxy):
         proxy.add_fault("explode")
     with pytest.raises(urllib.error.HTTPError, match="400"):
         proxy._control("POST", "rules", {"kind": "explode"})
+
+
+def test_memory_mode_answers_gets_from_a_copy_and_drops_it_on_a_write(s3_server, obj):
+    bucket, key = obj
+    with S3Proxy(s3_server.endpoint_url, min_ms=0, max_ms=0, memory=True) as memory:
+        s3 = client(memory)
+        assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == DATA
+        ranged = s3.get_object(Bucket=bucket, Key=key, Range="bytes=100-299")
+        assert ranged["Body"].read() == DATA[100:300] and ranged["ContentRange"] == f"bytes 100-299/{len(DATA)}"
+        assert s3.head_object(Bucket=bucket, Key=key)["ContentLength"] == len(DATA)
+        fs = fsspec.filesystem("s3", endpoint_url=memory.endpoint_url, skip_instance_cache=True)
+        assert fs.cat_ranges([f"{bucket}/{key}"] * 2, [0, 5000], [10, 5100]) == [DATA[:10], DATA[5000:5100]]
+        s3.put_object(Bucket=bucket, Key=key, Body=b"new")  # through the proxy: the copy goes
+        assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == b"new"
+        with pytest.raises(ClientError, match="NoSuchKey"):
+            s3.get_object(Bucket=bucket, Key="absent")
