@@ -128,6 +128,17 @@ def _parent_made(fs, path: str, dest: str) -> str:
     return path
 
 
+def _write_whole(fs, path: str, body: bytes, dest: str) -> None:
+    """Write `path` so that a reader never sees part of it: an object store's PUT is, a local file is renamed into
+    place (a pack killed while writing leaves no half part behind)."""
+    if is_remote(dest):
+        fs.pipe_file(path, body)
+        return
+    partial = f"{path}.partial-{os.getpid()}"
+    fs.pipe_file(partial, body)
+    os.replace(partial, path)
+
+
 def _member(name: str, size: int) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.size, info.mode, info.mtime = size, 0o644, 0  # no time, owner or group: packing twice gives equal bytes
@@ -161,7 +172,8 @@ def _pack_shard(dest: str, storage: StorageSpec, split: str, number: int, sample
                                 crc32=zlib.crc32(data)))
     part = dict(plan=plan, number=number, key=key, size=fs.size(f"{root}/{split}/{key}"), samples=records,
                 left_out=left_out)
-    fs.pipe_file(_parent_made(fs, f"{root}/{split}/{PARTS}/{number:06d}.json", dest), json.dumps(part).encode())
+    _write_whole(fs, _parent_made(fs, f"{root}/{split}/{PARTS}/{number:06d}.json", dest), json.dumps(part).encode(),
+                 dest)
     return part
 
 
