@@ -23,7 +23,7 @@ from sklearn.datasets import load_digits
 
 from service.data.datasets import ImageFolder
 from service.data.errors import DataError, SampleError
-from service.data.loader import LoaderSettings, TwoViews, two_view_loader
+from service.data.loader import LoaderSettings, SkippedSamples, TwoViews, two_view_loader
 from service.data.pack import PARTS, pack
 from service.data.shard_cache import ShardCache
 from service.data.shard_reader import ShardedImages, read_index
@@ -308,6 +308,21 @@ def test_skip_substitutes_the_same_sample_at_any_world_size_and_fail_names_the_f
     assert torch.equal(twice[(0, bad)][0], twice[(0, bad)][0]) and twice[(0, bad)][2] == bad
     with pytest.raises(SampleError, match=rf"cannot decode image .*{Path(images.samples[bad][0]).name}"):
         TwoViews(images, views, seed=0)[(0, bad)]
+
+
+def test_more_skipped_samples_than_max_errors_fail_the_run(folder, tmp_path):
+    damaged = tmp_path / "damaged"
+    subprocess.run(["cp", "-r", str(folder), str(damaged)], check=True)
+    images = ImageFolder(str(damaged), "train")
+    for bad in (3, 40):
+        corrupt(Path(images.samples[bad][0]))
+    ledger = SkippedSamples(images, max_errors=1)
+    ledger.add(torch.tensor([-1, 3, -1]))
+    ledger.add(torch.tensor([3, -1]))  # the same sample again: still one
+    assert ledger.count() == 1
+    ledger.add(torch.tensor([-1, 40]))
+    with pytest.raises(DataError, match="2 samples could not be read or decoded, more than data.max_errors=1"):
+        ledger.count()
 
 
 def train_command(spec_path: Path, output: Path, *settings: str) -> list[str]:
