@@ -44,9 +44,10 @@ class ShardCache:
     def local_path(self, shard: int) -> Path:
         return self.root / self.index.shards[shard]
 
-    def read(self, index: ShardIndex, sample: int) -> bytes | None:
+    def read(self, sample: int) -> bytes | None:
         """The sample's bytes from a cached shard, or None (not cached yet); starts this process's filler."""
         self._start_filler()
+        index = self.index
         shard = int(index.shard[sample])
         descriptor = self._open.get(shard)
         if descriptor is None:

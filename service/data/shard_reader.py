@@ -74,7 +74,6 @@ class ShardedImages(Dataset):
         self.url = url.rstrip("/")
         self.storage = storage
         self.index = read_index(self.url, storage)  # before the loader forks: its arrays are shared, not copied
-        self.targets = self.index.label.tolist()
         self.classes = self.index.classes
         self.cache = cache
         self.concurrency = concurrency
@@ -83,6 +82,12 @@ class ShardedImages(Dataset):
 
     def __len__(self) -> int:
         return len(self.index)
+
+    @property
+    def targets(self) -> list[int]:
+        """Every label, as a new list: a list held here would be copied into every forked loader process as its
+        reference counts change (ImageNet's 1.28M labels, ~46 MB each); the index's array is not."""
+        return self.index.label.tolist()
 
     def sample_paths(self) -> list[str]:
         return self.index.all_names()
@@ -123,7 +128,7 @@ class ShardedImages(Dataset):
         for chunk, datas in zip(chunks, fetched):
             for index, data in zip(chunk, datas):
                 image = data if isinstance(data, SampleError) else self.decode(index, data)
-                out.append(image if isinstance(image, SampleError) else (image, self.targets[index]))
+                out.append(image if isinstance(image, SampleError) else (image, int(self.index.label[index])))
         return out
 
     def _threads(self) -> concurrent.futures.ThreadPoolExecutor:
@@ -147,7 +152,7 @@ class ShardedImages(Dataset):
         out: dict[int, bytes | SampleError] = {}
         remote = []
         for position, index in enumerate(indices):
-            local = self.cache.read(self.index, index) if self.cache is not None else None
+            local = self.cache.read(index) if self.cache is not None else None
             if local is not None and self._matches(index, local):
                 out[position] = local
             else:
