@@ -14,12 +14,10 @@ import functools
 import hashlib
 import io
 import json
-import logging
 import multiprocessing
 import os
 import tarfile
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +31,6 @@ from service.data.shards import INDEX, ShardIndex, shard_key
 from service.spec import StorageSpec
 from service.storage.filesystem import filesystem, is_remote
 
-log = logging.getLogger("barlow")
 PLAN = "_plan.json"
 PARTS = "_parts"
 HEADER_BYTES = 1536  # a sample's two tar headers and its padding, on average: for planning shard sizes
@@ -185,17 +182,15 @@ class PackReport:
 
 
 def pack(source: str, dest: str, storage: StorageSpec, *, shard_bytes: int = 512 << 20,
-         processes: int | None = None, progress: bool = True,
-         on_shard: Callable[[str, int], None] | None = None) -> list[PackReport]:
-    """Pack every split of `source` under `dest/<split>/`. `on_shard(split, number)` is called as each shard
-    commits (the tests stop a pack there)."""
+         processes: int | None = None, progress: bool = True) -> list[PackReport]:
+    """Pack every split of `source` under `dest/<split>/`; each report lists the images left out."""
     processes = processes or max(1, (os.cpu_count() or 1))
     reports = []
     fs, root = filesystem(dest, storage)
     for split, (classes, samples) in _split_sources(source).items():
         cuts = _plan_shards(samples, shard_bytes)
-        plan = hashlib.sha256(json.dumps(dict(
-            source=source, shard_bytes=shard_bytes, classes=classes,
+        plan = hashlib.sha256(json.dumps(dict(  # what the shards hold, not how the source was named
+            shard_bytes=shard_bytes, classes=classes,
             samples=[(s.name, s.label, s.size) for s in samples], cuts=cuts)).encode()).hexdigest()
         split_root = f"{root}/{split}"
         if fs.exists(f"{split_root}/{INDEX}"):
@@ -231,17 +226,13 @@ def pack(source: str, dest: str, storage: StorageSpec, *, shard_bytes: int = 512
                     n = futures[future]
                     parts[n] = future.result()
                     bar.update(cuts[n][1] - cuts[n][0])
-                    if on_shard is not None:
-                        on_shard(split, n)
         bar.close()
         index = _index(classes, [parts[n] for n in range(len(cuts))], source, plan)
-        fs.pipe_file(f"{split_root}/{INDEX}", index.to_bytes())  # the commit
+        _write_whole(fs, f"{split_root}/{INDEX}", index.to_bytes(), dest)  # the commit
         if fs.exists(f"{split_root}/{PARTS}"):
             fs.rm(f"{split_root}/{PARTS}", recursive=True)
         fs.rm_file(f"{split_root}/{PLAN}")
         reports.append(PackReport(split, ShardIndex.from_bytes(index.to_bytes(), split_root), resumed))
-        for item in index.meta["left_out"]:
-            log.warning("left out %s/%s: %s", split, item["name"], item["error"])
     return reports
 
 
