@@ -246,6 +246,7 @@ def _data(args: argparse.Namespace) -> int:
                   + "".join(f"\n  left out {item['name']}: {item['error']}" for item in left_out))
         return 0
     from service.data.pack import PLAN
+    from service.data.shards import INDEX
     from service.storage.filesystem import filesystem
 
     fs, path = filesystem(args.url, storage)
@@ -254,7 +255,7 @@ def _data(args: argparse.Namespace) -> int:
         require_exists(args.url, storage)
         raise StorageError(f"{args.url}: no train/ or val/ split here: is it a packed data set?")
     for split in splits:
-        if fs.exists(f"{path}/{split}/{PLAN}") and not fs.exists(f"{path}/{split}/index.npz"):
+        if fs.exists(f"{path}/{split}/{PLAN}") and not fs.exists(f"{path}/{split}/{INDEX}"):
             print(f"{split}: packing did not finish (no index yet): run barlow data pack again to complete it")
             continue
         index = read_index(split_url(args.url, split), storage)
@@ -361,8 +362,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"barlow: {error}", file=sys.stderr)
         return 2
     except storage_errors() as error:  # reading a run or a checkpoint: bad credentials, endpoint, bucket
-        where = {"checkpoints": "run", "export": "checkpoint", "data": "url" if args.command == "data" and
-                 args.action == "ls" else "dest"}.get(args.command)
+        where = {"checkpoints": "run", "export": "checkpoint"}.get(args.command)
+        if args.command == "data":
+            where = "url" if args.action == "ls" else "dest"
         if where is None:
             raise
         print(f"barlow: {explain(getattr(args, where), error)}", file=sys.stderr)

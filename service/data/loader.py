@@ -89,7 +89,7 @@ class TwoViews(Dataset):
             return self.views[0](image).as_subclass(torch.Tensor), self.views[1](image).as_subclass(torch.Tensor)
 
 
-MAX_SUBSTITUTES = 16  # substitutes tried for one bad sample before giving up (each bad with data.max_errors odds)
+MAX_SUBSTITUTES = 16  # substitutes tried for one bad sample before its error is raised (a substitute may be bad too)
 
 
 def substitute(seed: int, epoch: int, index: int, attempt: int, size: int) -> int:
@@ -113,8 +113,9 @@ class SkippedSamples:
         if not bool((replaced >= 0).any()):
             return
         for index in sorted(set(replaced[replaced >= 0].tolist()) - self.mine):
-            error = load_samples(self.images, [index])[0]
-            log.warning("data.on_error=skip: another sample trains in place of sample %d: %s", index, error)
+            error = load_samples(self.images, [index])[0]  # read again here for its reason: a few bytes, once
+            reason = error if isinstance(error, SampleError) else "it could not be read by the loader"
+            log.warning("data.on_error=skip: another sample trains in place of sample %d: %s", index, reason)
             self.mine.add(index)
 
     def count(self) -> int:
