@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from service.data.datasets import labelled_images
-from service.data.loader import LoaderSettings, SkippedSamples, two_view_loader
+from service.data.loader import LoaderSettings, SkippedSamples, checked, two_view_loader
 from service.evaluation.knn_monitor import KnnMonitor
 from service.method.batchnorm import convert_sync_batchnorm
 from service.method.color import DeviceColor
@@ -176,7 +176,7 @@ def _train(spec: TrainSpec, command: str, worker: distributed.Worker, force: boo
         first_epoch, first_batch = divmod(step, steps_per_epoch)
         for epoch in range(first_epoch, spec.optim.epochs):
             sampler.set_epoch(epoch, start_batch=first_batch if epoch == first_epoch else 0)
-            for y1, y2, replaced in loader:
+            for y1, y2, replaced in checked(loader):
                 if skipped is not None:
                     skipped.add(replaced)
                 y1 = y1.to(worker.device, non_blocking=True)

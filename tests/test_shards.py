@@ -360,12 +360,15 @@ def test_a_run_that_skips_a_corrupt_image_completes_and_counts_it(damaged_spec, 
 
 
 @pytest.mark.slow
-def test_fail_names_the_file_and_a_rerun_fails_the_same_way(damaged_spec, tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])  # 1: the error is met in a loader process and must arrive whole
+def test_fail_names_the_file_and_a_rerun_fails_the_same_way(damaged_spec, tmp_path, workers):
     spec, bad = damaged_spec
     for attempt in range(2):
-        result = subprocess.run(train_command(spec, tmp_path / "fail"), capture_output=True, text=True, timeout=600)
+        result = subprocess.run(train_command(spec, tmp_path / "fail", f"data.workers={workers}"),
+                                capture_output=True, text=True, timeout=600)
         assert result.returncode == 2, result.stderr[-3000:]
         assert bad.name in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert result.stderr.strip().splitlines()[-1].startswith("barlow: cannot decode image "), result.stderr
 
 
 # --- the node-local cache ---------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.transforms import v2
 
 from service.data.errors import DataError, SampleError
@@ -24,9 +24,50 @@ from service.data.shard_reader import ShardedImages
 from service.runtime.distributed import shard
 from service.runtime.machine import Machine
 from service.spec import DataSpec, EvalDataSpec, SpecError
+from service.storage.filesystem import StorageError
 
 log = logging.getLogger("barlow")
 MAX_AUTO_WORKERS = 16  # more processes than this add memory and start-up time faster than images per second
+
+
+class LoadFailure:
+    """A data error met in a loader process, carried to the training process whole: torch would re-raise it there
+    as a new exception whose message is the worker's traceback (or as a RuntimeError when it cannot rebuild it)."""
+
+    def __init__(self, error: DataError | StorageError):
+        self.error = error
+
+
+def collate(batch):
+    """torch's default collation, passing a LoadFailure (a batch's, or any sample's) through."""
+    if isinstance(batch, LoadFailure):
+        return batch
+    failure = next((item for item in batch if isinstance(item, LoadFailure)), None)
+    return failure if failure is not None else default_collate(batch)
+
+
+class CarryErrors(Dataset):
+    """A map-style data set whose data errors become LoadFailures, for a loader built with `collate`."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]  # torch's Dataset has no __len__
+
+    def __getitem__(self, index: int):
+        try:
+            return self.dataset[index]
+        except (DataError, StorageError) as error:
+            return LoadFailure(error)
+
+
+def checked(batches):
+    """The batches of a loader built with `collate`; the first LoadFailure raises its error here."""
+    for batch in batches:
+        if isinstance(batch, LoadFailure):
+            raise batch.error
+        yield batch
 
 
 def load_samples(images: Dataset, indices: list[int]) -> list[tuple[torch.Tensor, int] | SampleError]:
@@ -62,9 +103,15 @@ class TwoViews(Dataset):
         return len(self.images)  # type: ignore[arg-type]  # torch's Dataset has no __len__
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        return self.__getitems__([key])[0]
+        return self._views_of([key])[0]
 
-    def __getitems__(self, keys: list[tuple[int, int]]) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[tuple[torch.Tensor, torch.Tensor, int]] | LoadFailure:
+        try:
+            return self._views_of(keys)
+        except (DataError, StorageError) as error:
+            return LoadFailure(error)
+
+    def _views_of(self, keys: list[tuple[int, int]]) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
         epoch = keys[0][0]
         indices = [index for _, index in keys]
         samples = load_samples(self.images, indices)
@@ -239,7 +286,8 @@ def two_view_loader(
     """Batches of (view 1, view 2, the index each substitute replaces or -1) for this rank."""
     size = len(images)  # type: ignore[arg-type]  # torch's Dataset has no __len__
     sampler = GlobalBatchSampler(size, global_batch, rank, world_size, seed)
-    loader = DataLoader(TwoViews(images, views, seed, on_error), batch_sampler=sampler, **settings.loader_options())
+    loader = DataLoader(TwoViews(images, views, seed, on_error), batch_sampler=sampler, collate_fn=collate,
+                        **settings.loader_options())
     return loader, sampler
 
 

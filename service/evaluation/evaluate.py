@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from service.data.datasets import ImageFolder, LabelledImages, labelled_images, targets_of
 from service.data.errors import DataError
-from service.data.loader import LoaderSettings, Transformed
+from service.data.loader import CarryErrors, LoaderSettings, Transformed, checked, collate
 from service.data.shard_reader import ShardedImages
 from service.data.subsets import balanced_indices, indices_from_list, read_subset_list
 from service.evaluation.probes import gathered_features, knn_scores, topk_correct
@@ -114,7 +114,7 @@ def count_correct(model: nn.Module, images: Dataset, worker: distributed.Worker,
     size = len(images)  # type: ignore[arg-type]  # torch's Dataset has no __len__
     mine = torch.utils.data.Subset(images, shard(size, worker.rank, worker.world_size))
     counts = torch.zeros(3, dtype=torch.float64)
-    for x, y in DataLoader(mine, batch_size=batch_size, num_workers=workers):
+    for x, y in checked(DataLoader(CarryErrors(mine), batch_size=batch_size, num_workers=workers, collate_fn=collate)):
         with precision.autocast():
             logits = model(x.to(worker.device, non_blocking=True))
         top1, top5 = topk_correct(logits.float().cpu(), y)
@@ -183,8 +183,8 @@ def _evaluate(spec: EvaluateSpec, command: str, worker: distributed.Worker, forc
     train_set = Transformed(train_images, train_transform, indices, seed=spec.run.seed)
     sampler: DistributedSampler[tuple[torch.Tensor, int]] = DistributedSampler(
         train_set, num_replicas=worker.world_size, rank=worker.rank, seed=spec.run.seed)
-    loader = DataLoader(train_set, batch_size=per_rank_batch, sampler=sampler, drop_last=False,
-                        **loading.loader_options(persistent=False))  # Transformed's epoch changes
+    loader = DataLoader(CarryErrors(train_set), batch_size=per_rank_batch, sampler=sampler, drop_last=False,
+                        collate_fn=collate, **loading.loader_options(persistent=False))  # Transformed's epoch changes
     val_set = Transformed(val_images, val_transform)
     steps_per_epoch = len(loader)
     scaler = precision.grad_scaler()
@@ -212,7 +212,7 @@ def _evaluate(spec: EvaluateSpec, command: str, worker: distributed.Worker, forc
             model.eval() if frozen else model.train()  # the reference keeps the frozen backbone's BN statistics
             sampler.set_epoch(epoch)
             train_set.set_epoch(epoch)
-            for x, y in loader:
+            for x, y in checked(loader):
                 x, y = x.to(worker.device, non_blocking=True), y.to(worker.device, non_blocking=True)
                 with precision.autocast():
                     loss = criterion(trained(x), y)

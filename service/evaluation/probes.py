@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from service.data.loader import CarryErrors, checked, collate
 from service.runtime.distributed import Worker, shard
 
 
@@ -48,7 +49,7 @@ def gathered_features(network: nn.Module, images: Dataset, worker: Worker | None
     mine = torch.utils.data.Subset(images, shard(size, worker.rank, worker.world_size))
     feature_batches: list[torch.Tensor] = []
     label_batches: list[torch.Tensor] = []
-    for x, y in DataLoader(mine, batch_size=batch_size, num_workers=workers):
+    for x, y in checked(DataLoader(CarryErrors(mine), batch_size=batch_size, num_workers=workers, collate_fn=collate)):
         feature_batches.append(network(x.to(worker.device)).float().cpu())
         label_batches.append(torch.as_tensor(y))
     network.train(was_training)
