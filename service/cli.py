@@ -10,6 +10,9 @@
     barlow compare SPEC [--weights W]                    pretrained vs untrained networks vs raw pixels, held out
     barlow data pack SOURCE DEST                         an ImageFolder or the digits as shards at any URL
     barlow data ls URL                                   a packed data set's splits: samples, classes, shards, bytes
+    barlow report RUN_URL [-o report.html]               one self-contained HTML page of a run: curves, events, spec
+    barlow status JOB|RUN_URL                            a job's state and its run's progress from the run's storage
+    barlow runs ls URL                                   the runs under a prefix, with their progress
 """
 
 from __future__ import annotations
@@ -129,10 +132,28 @@ def _parser() -> argparse.ArgumentParser:
     k8s.add_argument("--image-pull-secret", action="append", default=[], metavar="SECRET")
     k8s.add_argument("--credentials-secret", "--s3-secret", dest="credentials_secret", metavar="SECRET",
                      help="Secret whose keys (AWS_ACCESS_KEY_ID, ...) become the workers' environment")
-    for name, help_text in (("status", "Print a job's state."), ("logs", "Print a job's logs (first worker node)."),
-                            ("cancel", "Stop a job.")):
+    for name, help_text in (("logs", "Print a job's logs (first worker node)."), ("cancel", "Stop a job.")):
         command = commands.add_parser(name, help=help_text, description=help_text)
         command.add_argument("handle", help="the handle printed by submit, e.g. kubernetes://torchx/barlow:barlowtwins-x1")
+    status = with_storage(commands.add_parser(
+        "status", help="A job's state and its run's progress (step of total, loss, kNN, images/s, ETA, checkpoint).",
+        description="A job's state (a TorchX handle) and its run's progress read from the run's storage, or the "
+        "progress of a run given by its URL."))
+    status.add_argument("target", help="the handle printed by submit (kubernetes://torchx/barlow:barlowtwins-x1), or "
+                        "a run's location (run.output, e.g. s3://bucket/runs/bt)")
+    runs = commands.add_parser("runs", help="List runs.")
+    runs_list = with_storage(runs.add_subparsers(dest="action", required=True).add_parser(
+        "ls", help="The runs under a prefix, one line each with its progress.",
+        description="The runs under a prefix (folders holding a stats.txt or spec.yaml), one line each: state, step "
+        "of total, last loss, kNN, images/s, ETA, newest checkpoint."))
+    runs_list.add_argument("url", help="a folder or prefix of runs, e.g. s3://bucket/runs")
+    report = with_storage(commands.add_parser(
+        "report", help="Write one self-contained HTML report of a run (finished, running or resumed).",
+        description="Write one self-contained HTML page (no network needed to view it) of a run: the loss and its "
+        "two terms, the learning rates, the kNN curve, throughput and data wait, memory, the collapse signal, "
+        "checkpoints, resumes and pre-emptions, the spec, and the newest cross-correlation heatmap."))
+    report.add_argument("run", help="the run's location (run.output), e.g. s3://bucket/runs/bt or runs/digits")
+    report.add_argument("-o", "--output", default="report.html", help="the HTML file to write (default report.html)")
     return parser
 
 
@@ -188,9 +209,7 @@ def _manage(args: argparse.Namespace) -> int:
     from service.launch.submit import stream_logs
 
     runner = get_runner()
-    if args.command == "status":
-        print(runner.status(args.handle) or f"{args.handle}: not found")
-    elif args.command == "logs":
+    if args.command == "logs":
         stream_logs(runner, args.handle)
     else:
         runner.cancel(args.handle)
@@ -311,8 +330,21 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "submit":
             return _submit(args)
-        if args.command in ("status", "logs", "cancel"):
+        if args.command in ("logs", "cancel"):
             return _manage(args)
+        if args.command == "status":
+            from service.observe.progress import print_status
+
+            return print_status(args.target, _storage(args))
+        if args.command == "runs":
+            from service.observe.progress import print_runs
+
+            return print_runs(args.url, _storage(args))
+        if args.command == "report":
+            from service.observe.report import write_report
+
+            print(write_report(args.run, args.output, _storage(args)))
+            return 0
         if args.command == "data":
             return _data(args)
         if args.command == "checkpoints":
@@ -362,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"barlow: {error}", file=sys.stderr)
         return 2
     except storage_errors() as error:  # reading a run or a checkpoint: bad credentials, endpoint, bucket
-        where = {"checkpoints": "run", "export": "checkpoint"}.get(args.command)
+        where = {"checkpoints": "run", "export": "checkpoint", "report": "run", "runs": "url"}.get(args.command)
         if args.command == "data":
             where = "url" if args.action == "ls" else "dest"
         if where is None:

@@ -265,7 +265,26 @@ class RunSpec(_Section):
         "run faster on GPUs). Needs a C compiler, which the training image has. Off: eager, as the reference."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto`: CUDA when available, else the CPU.")
-    log_every: int = Field(100, ge=1, description="Steps between stats lines (reference: 100).")
+    log_every: int = Field(100, ge=1, description="Steps between stats lines (reference: 100). The step's metrics "
+                           "(loss terms, throughput, data wait, memory, collapse signal) are read at these steps only.")
+    tensorboard: bool = Field(
+        True, description="Write TensorBoard event files under `run.output/tensorboard/` (pretraining): the stats "
+        "lines' scalars, the kNN monitor and the cross-correlation image. For an object store they are written "
+        "locally and uploaded as closed files."
+    )
+    image_every: int | None = Field(
+        1000, ge=1, description="Steps between cross-correlation images (the D x D matrix the loss optimises, "
+        "decimated to 64 x 64) in TensorBoard, drawn at the first logged step from each multiple of it on. Null: none."
+    )
+    sync_every_seconds: float = Field(
+        300, gt=0, description="Seconds between uploads of stats.txt and the closed TensorBoard files to a remote "
+        "`run.output` (they are also uploaded at every checkpoint and at the end)."
+    )
+    log_format: Literal["auto", "text", "json"] = Field(
+        "auto", description="Log lines on standard error: `text`, or `json` (one object per line: time, level, "
+        "rank, step, message) for log collectors; `auto`: json when standard error is not a terminal and "
+        "KUBERNETES_SERVICE_HOST is set (in a pod), else text."
+    )
 
 
 class StorageSpec(_Section):

@@ -15,7 +15,8 @@ from typing import Any
 # Dotted fields, or whole sections, whose value changes nothing a run computes. Anything not listed counts:
 # a field added later is guarded until someone decides otherwise here.
 NEUTRAL_FIELDS = (
-    "run.output", "run.log_every", "run.device", "run.channels_last", "run.compile",
+    "run.output", "run.log_every", "run.tensorboard", "run.image_every", "run.sync_every_seconds",
+    "run.log_format", "run.device", "run.channels_last", "run.compile",
     "data.workers", "data.prefetch", "ddp.static_graph", "loss.communication",
     "checkpoint", "storage", "monitor",
 )
