@@ -76,7 +76,7 @@ def main() -> None:
     def step(y1, y2):
         return training_step(trained, optimizer, scaler, precision, loss_spec,
                              y1.contiguous(memory_format=memory_format), y2.contiguous(memory_format=memory_format),
-                             global_batch=args.batch)
+                             global_batch=args.batch).loss
 
     total = args.warmup + args.steps
     with tempfile.TemporaryDirectory() as folder:

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from bench.peers import import_lightly  # noqa: E402
 from service.method.model import BarlowTwins, build_backbone  # noqa: E402
 from service.method.optim import build_lars  # noqa: E402
-from service.runtime.metrics import NonFiniteGuard  # noqa: E402
+from service.runtime.guard import NonFiniteGuard  # noqa: E402
 from service.runtime.precision import Precision  # noqa: E402
 from service.spec import LossSpec, ModelSpec  # noqa: E402
 from service.trainer import training_step  # noqa: E402

@@ -8,6 +8,7 @@ One process, or one worker per process under torchrun:
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -19,17 +20,21 @@ from service.data.loader import LoaderSettings, SkippedSamples, checked, two_vie
 from service.evaluation.knn_monitor import KnnMonitor
 from service.method.batchnorm import convert_sync_batchnorm
 from service.method.color import DeviceColor
-from service.method.loss import barlow_twins_loss
+from service.method.loss import barlow_twins_terms
 from service.method.model import BarlowTwins
 from service.method.optim import LearningRateSchedule, build_lars
 from service.method.transforms import geometric_pipeline, two_view_pipelines
+from service.observe.logs import set_step
+from service.observe.stats import TrainingStats
+from service.observe.step_metrics import StepClock, decimated, embedding_std, peak_memory_gib
+from service.observe.tensorboard import EventFiles
 from service.runtime import distributed
 from service.runtime.distributed import shard
-from service.runtime.metrics import NonFiniteGuard, NonFiniteLoss, TrainingStats
+from service.runtime.guard import NonFiniteGuard, NonFiniteLoss
 from service.runtime.precision import Precision
 from service.runtime.preemption import Preemption
 from service.spec import DdpSpec, LossSpec, TrainSpec
-from service.storage.checkpoint import CheckpointManager
+from service.storage.checkpoint import CheckpointManager, checkpoint_name, checkpoints_url
 from service.storage.export import export_backbone, exported_weights_url
 
 log = logging.getLogger("barlow")
@@ -66,19 +71,34 @@ def place_model(model: nn.Module, worker: distributed.Worker, channels_last: boo
     return model, trained
 
 
+@dataclass
+class StepOutput:
+    """What one step leaves on the device (0-d tensors, detached): the loss, its two terms scaled as the loss is
+    (they add up to it), and, for an observed step, the collapse signal and the decimated cross-correlation."""
+
+    loss: torch.Tensor
+    on_diag: torch.Tensor
+    off_diag: torch.Tensor
+    embedding_std: torch.Tensor | None = None
+    correlation: torch.Tensor | None = None
+
+
 def training_step(model, optimizer, scaler, precision: Precision, loss_spec: LossSpec,
                   y1: torch.Tensor, y2: torch.Tensor, global_batch: int | None = None,
-                  guard: NonFiniteGuard | None = None) -> torch.Tensor:
-    """One optimisation step on this worker's share of the global batch; returns the (global) loss.
+                  guard: NonFiniteGuard | None = None, observe: bool = False) -> StepOutput:
+    """One optimisation step on this worker's share of the global batch; returns the (global) loss and its terms.
 
     `global_batch`, when known, spares the loss exchanging row counts and waiting for the device. With a `guard`,
-    a step whose loss or gradients are not finite is not applied (decided on the device).
+    a step whose loss or gradients are not finite is not applied (decided on the device). `observe` adds the
+    collapse signal of this worker's embeddings and the decimated cross-correlation (device work, no sync).
     """
     optimizer.zero_grad(set_to_none=True)
     with precision.autocast():
         z1, z2 = model(y1, y2)
-    loss = barlow_twins_loss(z1, z2, loss_spec.lambd, loss_spec.communication,
-                             global_batch=global_batch) * loss_spec.scale_loss
+    terms = barlow_twins_terms(z1, z2, loss_spec.communication, global_batch=global_batch)
+    on_diag = terms.on_diag * loss_spec.scale_loss
+    off_diag = terms.off_diag * (loss_spec.lambd * loss_spec.scale_loss)
+    loss = on_diag + off_diag
     # The logged loss is the reference's; only the gradient is divided, as the reference's was, when asked.
     scaler.scale(loss / (loss_spec.reference_world_size or 1)).backward()
     if guard is None:
@@ -86,7 +106,25 @@ def training_step(model, optimizer, scaler, precision: Precision, loss_spec: Los
     else:
         scaler.step(optimizer, apply=guard.finite(loss.detach(), optimizer, scaled=scaler.is_enabled()))
     scaler.update()
-    return loss.detach()
+    output = StepOutput(loss.detach(), on_diag.detach(), off_diag.detach())
+    if observe:
+        output.embedding_std = embedding_std(z1)
+        output.correlation = decimated(terms.correlation)
+    return output
+
+
+def _read_logged_step(output: StepOutput, clock: StepClock, worker: distributed.Worker,
+                      global_batch: int) -> dict[str, float]:
+    """A logged step's measurements, read with one transfer from the device (which the loss's read waits for
+    anyway), then the host's clock."""
+    assert output.embedding_std is not None  # a logged step is observed
+    loss, on_diag, off_diag, spread = torch.stack(
+        [value.float() for value in (output.loss, output.on_diag, output.off_diag, output.embedding_std)]).tolist()
+    step_time, data_wait = clock.read()
+    images_per_s = global_batch / step_time
+    return dict(loss=loss, loss_on_diag=on_diag, loss_off_diag=off_diag, step_time=step_time,
+                images_per_s=images_per_s, images_per_s_per_worker=images_per_s / worker.world_size,
+                data_wait=data_wait, peak_memory_gib=peak_memory_gib(worker.device), embedding_std=spread)
 
 
 def train(spec: TrainSpec, command: str, force: bool = False) -> TrainResult:
@@ -146,11 +184,18 @@ def _train(spec: TrainSpec, command: str, worker: distributed.Worker, force: boo
     )
     try:
         step = checkpointer.restore()
-        stats = TrainingStats(spec.run.output, spec.storage, command, total_steps=total_steps, enabled=worker.is_main)
+        events = EventFiles(spec.run.output, spec.storage, purge_step=step) if (
+            spec.run.tensorboard and worker.is_main) else None
+        stats = TrainingStats(spec.run.output, spec.storage, command, total_steps=total_steps, enabled=worker.is_main,
+                              events=events, sync_every_seconds=spec.run.sync_every_seconds)
     except BaseException:
         checkpointer.close()  # gives the lease back now: a corrected rerun need not wait for it to go stale
         raise
     stats.advance(step)
+    resumed_from = (checkpointer.parent or {}).get("checkpoint") or checkpointer.newest_committed_url()
+    stats.event("start", step=step, epoch=step // steps_per_epoch, total_steps=total_steps,
+                steps_per_epoch=steps_per_epoch, world_size=worker.world_size, global_batch=spec.optim.batch_size,
+                resumed_from=resumed_from if step else None, wall=time.time())
     if checkpointer.resumed_changes:
         stats.record(epoch=step // steps_per_epoch, step=step, resumed_with_changes=checkpointer.resumed_changes)
     guard = NonFiniteGuard(worker.device, first_step=step)
@@ -158,6 +203,7 @@ def _train(spec: TrainSpec, command: str, worker: distributed.Worker, force: boo
     def stop_if_diverged() -> None:
         bad = guard.first_bad_step()
         if bad is not None:
+            stats.event("diverged", step=bad, epoch=bad // steps_per_epoch)
             raise NonFiniteLoss(
                 f"the loss or the gradients became non-finite at step {bad} (epoch {bad // steps_per_epoch}), and "
                 f"that step was not applied; nothing non-finite was saved. Newest finite checkpoint: "
@@ -165,6 +211,13 @@ def _train(spec: TrainSpec, command: str, worker: distributed.Worker, force: boo
                 "run.precision=bf16 or fp32) and resume from it, naming what you change in checkpoint.allow_changes "
                 "(e.g. --set optim.lr_weights=0.1 --set 'checkpoint.allow_changes=[optim.lr_weights]')"
             )
+
+    def save(step: int, wait: bool = False) -> None:
+        stop_if_diverged()
+        checkpointer.save(step, wait=wait)
+        stats.event("checkpoint", step=step, epoch=step // steps_per_epoch,
+                    url=f"{checkpoints_url(spec.run.output)}/{checkpoint_name(step)}")
+
     preemption = Preemption()
     log.info("training %s on %d worker(s), %s, %d steps per epoch, global batch %d; %d loading process(es), "
              "prefetch %s", spec.model.backbone, worker.world_size, worker.device, steps_per_epoch,
@@ -172,11 +225,15 @@ def _train(spec: TrainSpec, command: str, worker: distributed.Worker, force: boo
 
     last_loss = None
     preempted = False
+    image_every = spec.run.image_every or 0
+    next_image = -(-step // image_every) * image_every if image_every else None  # the first multiple from here
+    clock = StepClock()
     try:
         first_epoch, first_batch = divmod(step, steps_per_epoch)
         for epoch in range(first_epoch, spec.optim.epochs):
             sampler.set_epoch(epoch, start_batch=first_batch if epoch == first_epoch else 0)
-            for y1, y2, replaced in checked(loader):
+            for y1, y2, replaced in clock.timed(checked(loader)):
+                set_step(step)
                 if skipped is not None:
                     skipped.add(replaced)
                 y1 = y1.to(worker.device, non_blocking=True)
@@ -187,31 +244,41 @@ def _train(spec: TrainSpec, command: str, worker: distributed.Worker, force: boo
                     y1 = y1.contiguous(memory_format=torch.channels_last)
                     y2 = y2.contiguous(memory_format=torch.channels_last)
                 lr_weights, lr_biases = schedule.apply(optimizer, step)
-                loss = training_step(trained, optimizer, scaler, precision, spec.loss, y1, y2, spec.optim.batch_size,
-                                     guard)
-                if step % spec.run.log_every == 0:
+                logged = step % spec.run.log_every == 0
+                output = training_step(trained, optimizer, scaler, precision, spec.loss, y1, y2,
+                                       spec.optim.batch_size, guard, observe=logged)
+                clock.step_done()
+                if logged:
                     stop_if_diverged()
-                    last_loss = loss.item()
+                    measured = _read_logged_step(output, clock, worker, spec.optim.batch_size)
+                    last_loss = measured.pop("loss")
+                    if skipped is not None:
+                        measured["skipped"] = skipped.count()
                     stats.log(epoch=epoch, step=step, lr_weights=lr_weights, lr_biases=lr_biases, loss=last_loss,
-                              **({} if skipped is None else dict(skipped=skipped.count())))
+                              **measured)
+                    if next_image is not None and step >= next_image:
+                        assert output.correlation is not None  # observed steps carry it
+                        stats.correlation(step, output.correlation.cpu().numpy())
+                        next_image = (step // image_every + 1) * image_every
                 stats.advance()
                 step += 1
                 if preemption.agreed():
-                    stop_if_diverged()
-                    checkpointer.save(step, wait=True)
+                    save(step, wait=True)
+                    stats.event("preempted", step=step, epoch=step // steps_per_epoch)
                     preempted = True
                     break
                 if checkpointer.due(step):
-                    stop_if_diverged()
-                    checkpointer.save(step)
+                    save(step)
                     stats.sync()
             if preempted:
                 break
             if monitor.due(epoch):
                 monitor.run(model.backbone, epoch, step, stats)
+                clock.restart()  # evaluation is not training: the next line's step time leaves it out
         if not preempted and checkpointer.last_saved_step != step:
-            stop_if_diverged()
-            checkpointer.save(step, wait=True)
+            save(step, wait=True)
+        if not preempted:
+            stats.event("end", step=step, epoch=step // steps_per_epoch)
     finally:
         preemption.close()
         checkpointer.close()

@@ -44,7 +44,7 @@ def test_bf16_step_runs_the_network_in_bf16_and_the_loss_in_fp32():
     model.projector.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
     before = model.backbone.conv1.weight.detach().clone()
     loss = training_step(model, optimizer, precision.grad_scaler(), precision, LossSpec(),
-                         torch.randn(8, 3, 8, 8), torch.randn(8, 3, 8, 8))
+                         torch.randn(8, 3, 8, 8), torch.randn(8, 3, 8, 8)).loss
     assert seen == [torch.bfloat16, torch.bfloat16]
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert model.backbone.conv1.weight.dtype == torch.float32  # master weights stay fp32
@@ -75,7 +75,7 @@ def test_compiled_training_follows_eager_training(tmp_path):
 
 @pytest.mark.parametrize("poison", ["input", "none"])
 def test_the_guard_skips_a_non_finite_step_and_remembers_it(poison):
-    from service.runtime.metrics import NonFiniteGuard
+    from service.runtime.guard import NonFiniteGuard
 
     model, optimizer = tiny_model_and_lars()
     precision = Precision.choose("fp32", torch.device("cpu"))
@@ -86,7 +86,7 @@ def test_the_guard_skips_a_non_finite_step_and_remembers_it(poison):
     if poison == "input":
         y1 = y1.clone()
         y1[0, 0, 0, 0] = float("nan")
-    loss = training_step(model, optimizer, precision.grad_scaler(), precision, LossSpec(), y1, y2, guard=guard)
+    loss = training_step(model, optimizer, precision.grad_scaler(), precision, LossSpec(), y1, y2, guard=guard).loss
     assert guard.first_bad_step() == (41 if poison == "input" else None)
     assert torch.isfinite(loss) == (poison == "none")
     unchanged = all(torch.equal(p, weights[name]) for name, p in model.named_parameters())
@@ -96,7 +96,7 @@ def test_the_guard_skips_a_non_finite_step_and_remembers_it(poison):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is a CUDA matter")
 @pytest.mark.parametrize("precision_name", ["fp32", "bf16"])
 def test_the_guarded_step_never_waits_for_the_device(precision_name):
-    from service.runtime.metrics import NonFiniteGuard
+    from service.runtime.guard import NonFiniteGuard
 
     device = torch.device("cuda")
     model, optimizer = tiny_model_and_lars("cuda")
@@ -111,6 +111,7 @@ def test_the_guarded_step_never_waits_for_the_device(precision_name):
     try:
         for _ in range(2):
             training_step(model, optimizer, scaler, precision, LossSpec(), y1, y2, 8, guard)
+            training_step(model, optimizer, scaler, precision, LossSpec(), y1, y2, 8, guard, observe=True)
         with pytest.raises(RuntimeError):  # reading the flag is the one wait, at logged steps and saves
             guard.first_bad_step()
     finally:

@@ -32,7 +32,7 @@ from service.method.model import BACKBONE_FEATURES, build_backbone
 from service.method.transforms import classification_pipelines
 from service.runtime import distributed
 from service.runtime.distributed import shard
-from service.runtime.metrics import TrainingStats
+from service.observe.stats import TrainingStats
 from service.runtime.precision import Precision
 from service.spec import EvaluateSpec, spec_to_yaml
 from service.storage.checkpoint import CheckpointManager

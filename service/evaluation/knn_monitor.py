@@ -10,7 +10,7 @@ from service.data.loader import Transformed
 from service.evaluation.probes import gathered_features, knn_scores, topk_correct
 from service.method.transforms import feature_pipeline
 from service.runtime import distributed
-from service.runtime.metrics import TrainingStats
+from service.observe.stats import TrainingStats
 from service.spec import TrainSpec
 
 

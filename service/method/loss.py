@@ -9,6 +9,8 @@ and scaled every update by 1/world_size; `LossSpec.reference_world_size` reprodu
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from service.runtime.distributed import (
@@ -121,10 +123,23 @@ def cross_correlation(z1: torch.Tensor, z2: torch.Tensor, communication: str = "
         return all_reduce_sum(n1.T @ n2) / global_count
 
 
+class LossTerms(NamedTuple):
+    """The loss's parts for one global batch: its cross-correlation C, sum_i (1 - C_ii)^2 (invariance) and
+    sum_{i != j} C_ij^2 (redundancy reduction, before lambd)."""
+
+    correlation: torch.Tensor
+    on_diag: torch.Tensor
+    off_diag: torch.Tensor
+
+
+def barlow_twins_terms(z1: torch.Tensor, z2: torch.Tensor, communication: str = "reduce", *,
+                       global_batch: int | None = None) -> LossTerms:
+    c = cross_correlation(z1, z2, communication, global_batch=global_batch)
+    return LossTerms(c, torch.diagonal(c).add(-1).pow(2).sum(), off_diagonal(c).pow(2).sum())
+
+
 def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051,
                       communication: str = "reduce", *, global_batch: int | None = None) -> torch.Tensor:
     """sum_i (1 - C_ii)^2 + lambd * sum_{i != j} C_ij^2 for the global batch's cross-correlation C."""
-    c = cross_correlation(z1, z2, communication, global_batch=global_batch)
-    on_diag = torch.diagonal(c).add(-1).pow(2).sum()
-    off_diag = off_diagonal(c).pow(2).sum()
-    return on_diag + lambd * off_diag
+    terms = barlow_twins_terms(z1, z2, communication, global_batch=global_batch)
+    return terms.on_diag + lambd * terms.off_diag

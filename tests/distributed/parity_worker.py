@@ -43,7 +43,7 @@ def main(out: str, divisor: int | None, communication: str, known_batch: bool) -
         schedule.apply(optimizer, step + 1)
         loss_spec = LossSpec(reference_world_size=divisor, communication=communication)
         loss = training_step(trained, optimizer, scaler, precision, loss_spec,
-                             y1[share], y2[share], GLOBAL_BATCH if known_batch else None)
+                             y1[share], y2[share], GLOBAL_BATCH if known_batch else None).loss
         if step == 0:
             record["loss"] = loss
             record["grads"] = {name: p.grad.clone() for name, p in model.named_parameters()}
