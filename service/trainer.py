@@ -113,7 +113,7 @@ def training_step(model, optimizer, scaler, precision: Precision, loss_spec: Los
     return output
 
 
-def _read_logged_step(output: StepOutput, clock: StepClock, worker: distributed.Worker,
+def read_logged_step(output: StepOutput, clock: StepClock, worker: distributed.Worker,
                       global_batch: int) -> dict[str, float]:
     """A logged step's measurements, read with one transfer from the device (which the loss's read waits for
     anyway), then the host's clock."""
@@ -250,7 +250,7 @@ def _train(spec: TrainSpec, command: str, worker: distributed.Worker, force: boo
                 clock.step_done()
                 if logged:
                     stop_if_diverged()
-                    measured = _read_logged_step(output, clock, worker, spec.optim.batch_size)
+                    measured = read_logged_step(output, clock, worker, spec.optim.batch_size)
                     last_loss = measured.pop("loss")
                     if skipped is not None:
                         measured["skipped"] = skipped.count()

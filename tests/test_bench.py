@@ -90,3 +90,14 @@ def test_data_loading_benchmark_compares_with_webdataset():
     assert all(float(row[0]) > 0 for name, row in rows.items() if name != "reader")
     assert int(rows["ours, end to end, shard cache warm"][-1]) == 0  # the warm cache makes no request
     assert int(rows["ours, fetch only"][-1]) >= 160  # one ranged read per image
+
+
+@pytest.mark.slow
+def test_logging_cost_benchmark_reports_every_row():
+    result = subprocess.run([sys.executable, "bench/logging_cost.py", "--batch", "8", "--size", "16", "--steps", "2"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = table(result.stdout, "step")
+    assert list(rows) == ["unlogged step", "logged as the reference (loss, stats.txt)",
+                          "logged as here (all fields, TensorBoard)", "+ the cross-correlation image"]
+    assert float(rows["unlogged step"][1]) == 1.0 and all(float(row[0]) > 0 for row in rows.values())
