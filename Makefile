@@ -11,7 +11,7 @@ export OMP_NUM_THREADS ?= 1
 IMAGE ?= barlowtwins-service:latest
 LOCAL_BASE := localhost/debian-python:3.11-bookworm
 
-.PHONY: setup demo train test test-fast lint clean lock image image-local image-base container-tools
+.PHONY: setup demo train test test-fast lint clean lock image image-local image-base container-tools browser
 
 # constraints.txt pins the runtime dependencies to what the image ships (make lock regenerates it)
 $(STAMP): pyproject.toml constraints.txt
@@ -71,6 +71,11 @@ container-tools:
 	@if docker/engine.sh name >/dev/null 2>&1 && command -v debootstrap >/dev/null && command -v docker-registry >/dev/null; \
 	then echo "container tools present"; \
 	else apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap docker-registry >/dev/null; fi
+
+## browser: Debian's chromium, for the test that opens barlow report's page headless (root)
+browser:
+	@if command -v chromium >/dev/null; then echo "chromium present"; \
+	else apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
