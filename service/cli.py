@@ -310,7 +310,7 @@ def _configure_logging() -> None:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """What a user's input causes: one line and exit 2. Evaluated only when an exception reaches main."""
     from service.data.errors import DataError
-    from service.runtime.metrics import NonFiniteLoss
+    from service.runtime.guard import NonFiniteLoss
     from service.storage.checkpoint import CheckpointError
 
     return SpecError, DataError, NonFiniteLoss, StorageError, CheckpointError, ValueError

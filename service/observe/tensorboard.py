@@ -61,8 +61,8 @@ class EventFiles:
             from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when a run writes events
 
             before = set(self.folder.glob(EVENT_FILES))
-            self.writer = SummaryWriter(str(self.folder), purge_step=self.purge_step, max_queue=1000,
-                                        flush_secs=3600)
+            # flushed to the local file every minute (a local output is read live), uploaded at each sync()
+            self.writer = SummaryWriter(str(self.folder), purge_step=self.purge_step, flush_secs=60)
             self.open_file = next(iter(set(self.folder.glob(EVENT_FILES)) - before), None)
             self.purge_step = None
             self.opened = int(time.time())
