@@ -26,6 +26,7 @@ import sys
 
 # torch and the training modules are imported where a command needs them: `barlow submit`, `validate` and
 # `schema` start in a fraction of the time
+from service.observe.logs import configure_logging, record_user_error
 from service.spec import EvaluateSpec, SpecError, StorageSpec, json_schema, load_spec, spec_kind, spec_to_yaml
 from service.storage.filesystem import StorageError, explain, require_exists, storage_errors
 from service.storage.redaction import redact_arguments
@@ -288,23 +289,13 @@ def _evaluate(args: argparse.Namespace, argv: list[str] | None) -> int:
     from service.evaluation.evaluate import evaluate
 
     spec = load_spec(args.spec, args.overrides, kind=EvaluateSpec)
+    configure_logging(spec.run.log_format)
     result = evaluate(spec, command=shlex.join(["barlow", *redact_arguments(sys.argv[1:] if argv is None else argv)]),
                       force=args.force)
     if os.environ.get("RANK", "0") == "0":
         print(f"{result.mode}: top-1 {result.acc1:.2f} top-5 {result.acc5:.2f} (best {result.best_acc1:.2f} / "
               f"{result.best_acc5:.2f}) on {result.train_images} training images; {result.output}/results.json")
     return 0
-
-
-def _configure_logging() -> None:
-    """The service's own log lines only (rank 0 at INFO), not those of the libraries it uses."""
-    rank = os.environ.get("RANK", "0")
-    handler = logging.StreamHandler()
-    prefix = f"[rank {rank}] " if "RANK" in os.environ else ""
-    handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO if rank == "0" else logging.WARNING)
-    log.propagate = False
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -318,7 +309,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _configure_logging()
+    configure_logging()
     try:
         if args.command == "schema":
             text = json.dumps(json_schema(EvaluateSpec if args.evaluation else None), indent=2)
@@ -375,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         from service.trainer import train
 
         spec = load_spec(args.spec, args.overrides, world_size=distributed.launched_world_size())
+        configure_logging(spec.run.log_format)
         result = train(spec, command=shlex.join(["barlow", *redact_arguments(sys.argv[1:] if argv is None else argv)]),
                        force=args.force)
         if not result.last_checkpoint_committed:
@@ -392,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except _user_errors() as error:
         print(f"barlow: {error}", file=sys.stderr)
+        record_user_error(f"barlow: {error}")
         return 2
     except storage_errors() as error:  # reading a run or a checkpoint: bad credentials, endpoint, bucket
         where = {"checkpoints": "run", "export": "checkpoint", "report": "run", "runs": "url"}.get(args.command)
