@@ -1,0 +1,300 @@
+"""`barlow report RUN_URL`: one self-contained HTML page of a run, finished, running or resumed, local or remote.
+
+The page holds the loss and its two terms, both learning rates, the kNN curve, throughput and data wait, peak
+memory, the collapse signal, the run's events (checkpoint saves, starts and resumes, world-size changes,
+pre-emptions) on the loss's step axis and on a wall-clock timeline, the newest cross-correlation image, and the
+spec. Figures are inline SVG drawn by matplotlib; nothing is fetched when the page is viewed. Beside each figure a
+`<script type="application/json" class="figure-data">` holds exactly the series it plots, for whoever wants the
+numbers (and for the tests, which compare them with stats.txt).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.colors import LinearSegmentedColormap
+from matplotlib.figure import Figure
+
+from service.observe.run_log import RunLog, read_run_log
+from service.observe.stats import CORRELATION_TAG
+from service.observe.tensorboard import EVENT_FILES, FOLDER, NEGATIVE, POSITIVE, ZERO
+from service.spec import StorageSpec
+from service.storage.checkpoint import CheckpointInfo, list_checkpoints
+from service.storage.filesystem import StorageError, filesystem, require_exists
+
+EVENT_STYLE = {"start": ("tab:green", "-"), "resume": ("tab:green", "-"), "checkpoint": ("0.6", ":"),
+               "preempted": ("tab:red", "--"), "diverged": ("tab:red", "-"), "world size": ("tab:purple", "-"),
+               "end": ("black", "-")}
+
+
+def write_report(run: str, output: str, storage: StorageSpec) -> str:
+    """Write the run's report to `output` (a path or URL); returns the line the CLI prints."""
+    run = run.rstrip("/")
+    log = read_run_log(run, storage)
+    if log is None:
+        require_exists(run, storage)  # a missing bucket or folder says so first
+        raise StorageError(f"{run}: no stats.txt here: is it a run's output (run.output)?")
+    spec_text = _read_text(f"{run}/spec.yaml", storage)
+    checkpoints = [c for c in list_checkpoints(run, storage) if c.valid]
+    image = _newest_correlation_image(run, storage)
+    figures = _figures(log, spec_text, image)
+    page = _page(run, log, spec_text, checkpoints, figures)
+    fs, path = filesystem(output, storage)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "w") as file:
+        file.write(page)
+    return f"wrote {output}: {len(figures)} figures of {run} ({_progress(log)})"
+
+
+def _read_text(url: str, storage: StorageSpec) -> str | None:
+    fs, path = filesystem(url, storage)
+    return fs.cat_file(path).decode() if fs.exists(path) else None
+
+
+def _newest_correlation_image(run: str, storage: StorageSpec) -> tuple[int, bytes] | None:
+    """(step, PNG bytes) of the newest cross-correlation image in the run's event files, read with TensorBoard's
+    EventAccumulator (which drops the events a resumed run purged)."""
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
+    fs, path = filesystem(f"{run}/{FOLDER}", storage)
+    if not fs.exists(path):
+        return None
+    with tempfile.TemporaryDirectory(prefix="barlow-report-") as folder:
+        for name in fs.glob(f"{path}/{EVENT_FILES}"):
+            fs.get_file(name, str(Path(folder) / Path(name).name))
+        accumulator = EventAccumulator(folder, size_guidance={IMAGES: 1})
+        accumulator.Reload()
+        if CORRELATION_TAG not in accumulator.Tags().get(IMAGES, []):
+            return None
+        newest = max(accumulator.Images(CORRELATION_TAG), key=lambda event: event.step)
+        return newest.step, newest.encoded_image_string
+
+
+def _series(lines: list[dict[str, Any]], field: str) -> dict[str, list]:
+    kept = [line for line in lines if line.get(field) is not None]
+    return {"x": [line["step"] for line in kept], "y": [line[field] for line in kept]}
+
+
+def _events(log: RunLog) -> list[dict[str, Any]]:
+    """The run's events to mark: starts (resumes after the first), world-size changes, saves, pre-emptions, ends."""
+    marks, world = [], None
+    for event in log.events:
+        kind = event["event"]
+        if kind == "start":
+            if world is not None and event.get("world_size") != world:
+                kind = "world size"
+            elif world is not None or event["step"]:
+                kind = "resume"
+            world = event.get("world_size")
+        label = f"{kind} at step {event['step']}" + (f" on {world} workers" if kind in ("start", "resume",
+                                                                                       "world size") else "")
+        marks.append({"kind": kind, "step": event["step"], "wall": log.wall_clock(event), "label": label})
+    return marks
+
+
+def _svg(figure: Figure) -> str:
+    buffer = io.StringIO()
+    figure.savefig(buffer, format="svg", bbox_inches="tight")
+    text = buffer.getvalue()
+    return text[text.index("<svg"):]  # the XML prolog and doctype do not belong inside HTML
+
+
+def _curve(title: str, ylabel: str, series: dict[str, dict[str, list]], events: list[dict[str, Any]],
+           log_scale: bool = False, reference: tuple[str, float] | None = None) -> Figure:
+    figure = Figure(figsize=(9, 3.4))
+    axes = figure.add_subplot()
+    for name, points in series.items():
+        axes.plot(points["x"], points["y"], label=name, marker="." if len(points["x"]) < 40 else None)
+    if reference is not None:
+        axes.axhline(reference[1], color="0.4", linestyle="--", label=reference[0])
+    for event in events:
+        color, style = EVENT_STYLE[event["kind"]]
+        axes.axvline(event["step"], color=color, linestyle=style, linewidth=1)
+    if log_scale and all(value > 0 for points in series.values() for value in points["y"]):
+        axes.set_yscale("log")
+    axes.set_title(title)
+    axes.set_xlabel("step")
+    axes.set_ylabel(ylabel)
+    axes.grid(alpha=0.3)
+    if series:
+        axes.legend(loc="best", fontsize="small")
+    return figure
+
+
+def _throughput(series: dict[str, dict[str, list]], events: list[dict[str, Any]]) -> Figure:
+    figure = _curve("throughput", "images/s", {"images_per_s": series["images_per_s"]}, events)
+    axes = figure.axes[0]
+    wait = axes.twinx()
+    wait.plot(series["data_wait"]["x"], series["data_wait"]["y"], color="tab:orange", label="data_wait")
+    wait.set_ylim(0, 1)
+    wait.set_ylabel("fraction of step time waiting for data")
+    wait.legend(loc="lower right", fontsize="small")
+    return figure
+
+
+def _timeline(log: RunLog, events: list[dict[str, Any]]) -> tuple[Figure, dict[str, Any]]:
+    """Wall-clock time against step: a gap between a pre-emption and its resume shows as a flat stretch."""
+    timed = [line for line in log.steps if log.wall_clock(line) is not None]
+    starts = [start["wall"] for start in log.starts if start.get("wall") is not None]
+    origin = min(starts or [log.wall_clock(line) or 0.0 for line in timed] or [0.0])
+    hours = [((log.wall_clock(line) or 0.0) - origin) / 3600 for line in timed]
+    figure = Figure(figsize=(9, 3.4))
+    axes = figure.add_subplot()
+    axes.plot(hours, [line["step"] for line in timed], marker=".", label="logged step")
+    shown = set()
+    for event in events:
+        if event["wall"] is None or event["kind"] == "end":
+            continue
+        color, _ = EVENT_STYLE[event["kind"]]
+        axes.scatter([(event["wall"] - origin) / 3600], [event["step"]], color=color, zorder=3,
+                     label=None if event["kind"] in shown else event["kind"])
+        shown.add(event["kind"])
+    axes.set_title("timeline")
+    axes.set_xlabel(f"hours since {_utc(origin)}")
+    axes.set_ylabel("step")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="best", fontsize="small")
+    data = {"series": {"step": {"x": hours, "y": [line["step"] for line in timed]}},
+            "events": [event for event in events if event["wall"] is not None and event["kind"] != "end"]}
+    return figure, data
+
+
+def _heatmap(image: tuple[int, bytes]) -> tuple[Figure, dict[str, Any]]:
+    from PIL import Image
+
+    step, png = image
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    figure = Figure(figsize=(5.2, 4.4))
+    axes = figure.add_subplot()
+    axes.imshow(pixels, interpolation="nearest")
+    colors = LinearSegmentedColormap.from_list(
+        "correlation", [np.array(color) / 255 for color in (NEGATIVE, ZERO, POSITIVE)])
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    figure.colorbar(ScalarMappable(Normalize(-1, 1), colors), ax=axes, label="C_ij")
+    axes.set_title(f"cross-correlation at step {step} ({pixels.shape[0]} x {pixels.shape[1]})")
+    axes.set_xlabel("dimension j (every D/64-th)")
+    axes.set_ylabel("dimension i")
+    data = {"step": step, "shape": list(pixels.shape), "png_base64": base64.b64encode(png).decode()}
+    return figure, data
+
+
+def _projector_width(spec_text: str | None) -> int | None:
+    if not spec_text:
+        return None
+    import yaml
+
+    projector = (yaml.safe_load(spec_text) or {}).get("model", {}).get("projector")
+    return int(str(projector).split("-")[-1]) if projector else None
+
+
+def _figures(log: RunLog, spec_text: str | None, image: tuple[int, bytes] | None) -> list[dict[str, Any]]:
+    """(name, title, svg, data) of every figure, in the page's order."""
+    events = _events(log)
+    step_events = [event for event in events if event["kind"] != "end"]
+    series = {field: _series(log.steps, field) for field in (
+        "loss", "loss_on_diag", "loss_off_diag", "lr_weights", "lr_biases", "images_per_s", "data_wait",
+        "peak_memory_gib", "embedding_std", "step_time")}
+    width = _projector_width(spec_text)
+    plots: list[tuple[str, str, Figure, dict[str, Any]]] = []
+
+    def curve(name: str, title: str, fields: list[str], ylabel: str, **options) -> None:
+        chosen = {field: series[field] for field in fields}
+        plots.append((name, title, _curve(title, ylabel, chosen, step_events, **options),
+                      {"series": chosen, "events": step_events}))
+
+    curve("loss", "loss and its two terms", ["loss", "loss_on_diag", "loss_off_diag"], "loss", log_scale=True)
+    curve("lr", "learning rates", ["lr_weights", "lr_biases"], "learning rate")
+    knn = {"knn_top1": _series(log.knn, "knn_top1")}
+    plots.append(("knn", "kNN monitor", _curve("kNN monitor (top-1 %)", "top-1 %", knn, step_events),
+                  {"series": knn, "events": step_events}))
+    throughput = {field: series[field] for field in ("images_per_s", "data_wait")}
+    plots.append(("throughput", "throughput and data wait", _throughput(series, step_events),
+                  {"series": throughput, "events": step_events}))
+    curve("memory", "peak memory", ["peak_memory_gib"], "GiB")
+    reference = (f"1/sqrt(D) = {1 / math.sqrt(width):.4f}", 1 / math.sqrt(width)) if width else None
+    curve("collapse", "collapse signal", ["embedding_std"], "std of L2-normalised embeddings",
+          reference=reference)
+    timeline, timeline_data = _timeline(log, events)
+    plots.append(("timeline", "timeline", timeline, timeline_data))
+    if image is not None:
+        heatmap, heatmap_data = _heatmap(image)
+        plots.append(("correlation", "cross-correlation", heatmap, heatmap_data))
+    return [{"name": name, "title": title, "svg": _svg(figure), "data": data} for name, title, figure, data in plots]
+
+
+def _utc(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _progress(log: RunLog) -> str:
+    last = log.last_step
+    total = log.starts[-1].get("total_steps") if log.starts else None
+    if last is None:
+        return "no step logged yet"
+    return f"step {last['step']} of {total if total is not None else '?'}, loss {last['loss']:.6g}"
+
+
+def _page(run: str, log: RunLog, spec_text: str | None, checkpoints: list[CheckpointInfo],
+          figures: list[dict[str, Any]]) -> str:
+    newest = checkpoints[-1] if checkpoints else None
+    ended = bool(log.events) and log.events[-1]["event"] == "end"
+    knn = log.knn[-1]["knn_top1"] if log.knn else None
+    facts = [
+        ("run", run), ("progress", _progress(log)),
+        ("state", "finished" if ended else f"not finished (last event: {log.events[-1]['event']})"
+         if log.events else "no event yet"),
+        ("kNN top-1", f"{knn:.2f} %" if knn is not None else "-"),
+        ("newest checkpoint", f"{newest.url} ({(newest.manifest or {}).get('created', '-')})" if newest else "none"),
+        ("attempts", f"{len(log.starts)} (world sizes {', '.join(str(s.get('world_size')) for s in log.starts)})"),
+        ("written", _utc(datetime.now(timezone.utc).timestamp())),
+    ]
+    rows = "".join(f"<tr><th>{html.escape(key)}</th><td>{html.escape(str(value))}</td></tr>" for key, value in facts)
+    events = "".join(
+        f"<tr><td>{html.escape(_utc(event['wall']))}</td><td>{html.escape(event['kind'])}</td>"
+        f"<td>{event['step']}</td><td>{html.escape(event['label'])}</td></tr>" for event in _events(log))
+    sections = "".join(
+        f'<figure id="fig-{figure["name"]}"><figcaption>{html.escape(figure["title"])}</figcaption>{figure["svg"]}'
+        f'<script type="application/json" class="figure-data" data-figure="{figure["name"]}">'
+        f'{_json_for_script(figure["data"])}</script></figure>' for figure in figures)
+    if not any(figure["name"] == "correlation" for figure in figures):
+        sections += '<p id="no-correlation">No cross-correlation image yet (run.tensorboard and run.image_every).</p>'
+    spec = html.escape(spec_text) if spec_text else "no spec.yaml in the run's output"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Barlow Twins run {html.escape(run)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em auto; max-width: 1000px; color: #222; }}
+table {{ border-collapse: collapse; margin-bottom: 1.5em; }} th, td {{ text-align: left; padding: 2px 10px; }}
+tbody tr:nth-child(odd) {{ background: #f4f4f4; }} figure {{ margin: 1.5em 0; }}
+figcaption {{ font-weight: bold; }} svg {{ max-width: 100%; height: auto; }}
+pre {{ background: #f4f4f4; padding: 1em; overflow-x: auto; }}
+</style></head><body>
+<h1>Barlow Twins run</h1>
+<table id="summary">{rows}</table>
+{sections}
+<h2>Events</h2>
+<table id="events"><thead><tr><th>time</th><th>event</th><th>step</th><th></th></tr></thead>
+<tbody>{events}</tbody></table>
+<h2>Spec</h2>
+<pre id="spec">{spec}</pre>
+</body></html>
+"""
+
+
+def _json_for_script(data: Any) -> str:
+    """JSON that cannot close its <script> element early."""
+    return json.dumps(data).replace("</", "<\\/")
