@@ -2,8 +2,9 @@
 
 stats.txt is the reference's format, appended to by every attempt of a run: a command line, then one JSON object
 per line (logged steps, the kNN monitor, and events such as `{"event": "start", ...}`). A resumed attempt trains
-again the steps after its checkpoint, so a `start` event at step S hides every earlier line at a step >= S: what
-remains is the history of the weights that exist.
+again the steps after its checkpoint, so a `start` event after S completed steps hides the earlier logged steps
+from index S on and the other earlier lines (kNN, checkpoints, events) after S: what remains is the history of
+the weights that exist.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ class RunLog:
         return None if start is None else start + line.get("time", 0)
 
 
+def _retrained(line: dict[str, Any], resumed: int) -> bool:
+    """Whether a resume from `resumed` completed steps trains again what `line` describes: a logged step's `step`
+    is the step it trained (index `resumed` is trained again), every other line's the steps completed before it."""
+    return line["step"] >= resumed if "lr_weights" in line else line["step"] > resumed
+
+
 def parse_stats(text: str) -> RunLog:
     """A RunLog from stats.txt's text, later attempts superseding the steps they trained again."""
     kept: list[dict[str, Any]] = []
@@ -60,7 +67,7 @@ def parse_stats(text: str) -> RunLog:
             continue
         if line.get("event") == "start":
             wall = line.get("wall")
-            kept = [old for old in kept if "step" not in old or old["step"] < line["step"]]
+            kept = [old for old in kept if "step" not in old or not _retrained(old, line["step"])]
         line["_start"] = wall
         kept.append(line)
     log = RunLog(commands=commands)
