@@ -30,9 +30,9 @@ from service.data.subsets import balanced_indices, indices_from_list, read_subse
 from service.evaluation.probes import gathered_features, knn_scores, topk_correct
 from service.method.model import BACKBONE_FEATURES, build_backbone
 from service.method.transforms import classification_pipelines
+from service.observe.stats import TrainingStats
 from service.runtime import distributed
 from service.runtime.distributed import shard
-from service.observe.stats import TrainingStats
 from service.runtime.precision import Precision
 from service.spec import EvaluateSpec, spec_to_yaml
 from service.storage.checkpoint import CheckpointManager

@@ -9,8 +9,8 @@ from service.data.datasets import labelled_images
 from service.data.loader import Transformed
 from service.evaluation.probes import gathered_features, knn_scores, topk_correct
 from service.method.transforms import feature_pipeline
-from service.runtime import distributed
 from service.observe.stats import TrainingStats
+from service.runtime import distributed
 from service.spec import TrainSpec
 
 

@@ -22,9 +22,11 @@ import posixpath
 import warnings
 from typing import Any, Dict, List
 
+import yaml
 from torchx.specs import AppDef, AppDryRunInfo, Role, runopts
 
 from components.resources import MOUNTS_METADATA, RUN_OUTPUT_METADATA, SHM_CAPABILITY, WORKERS_METADATA
+from service.launch.job_spec import SPEC_ENV
 from service.launch.torchx_api import (
     KubernetesScheduler,
     SubmissionError,
@@ -33,6 +35,7 @@ from service.launch.torchx_api import (
     run_option,
     to_plain_objects,
 )
+from service.spec import StorageSpec
 
 RUN_AS_USER = 1000  # the training image's non-root user
 EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
@@ -195,6 +198,28 @@ class BarlowKubernetesScheduler(KubernetesScheduler):
                 for warning in caught:
                     if "kube config" not in str(warning.message):
                         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+    def run_location(self, app_id: str) -> tuple[str, StorageSpec] | None:
+        """The run.output and storage settings of the job NAMESPACE:NAME, from the resolved spec its first task's
+        container carries (BARLOW_SPEC); None when it carries none (a spec image:PATH). ValueError when the
+        Kubernetes API cannot be asked or has no such job."""
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        namespace, _, name = app_id.partition(":")
+        try:
+            job = self._custom_objects_api().get_namespaced_custom_object(
+                group="batch.volcano.sh", version="v1alpha1", namespace=namespace, plural="jobs", name=name)
+        except (ApiException, HTTPError) as error:
+            detail = getattr(error, "reason", None) or (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ValueError(f"job {app_id}: the Kubernetes API refused or could not be reached ({detail}); check "
+                             "kubectl's context ($KUBECONFIG or ~/.kube/config) and the job's namespace") from None
+        container = job["spec"]["tasks"][0]["template"]["spec"]["containers"][0]
+        text = next((item.get("value") for item in container.get("env") or [] if item["name"] == SPEC_ENV), None)
+        if not text:
+            return None
+        spec = yaml.safe_load(text)
+        return spec["run"]["output"], StorageSpec.model_validate(spec.get("storage") or {})
 
 
 def create_scheduler(session_name: str, **kwargs: Any) -> BarlowKubernetesScheduler:

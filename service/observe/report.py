@@ -21,8 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.colors import LinearSegmentedColormap
+import yaml
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import LinearSegmentedColormap, Normalize
 from matplotlib.figure import Figure
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
 
 from service.observe.run_log import RunLog, read_run_log
 from service.observe.stats import CORRELATION_TAG
@@ -65,20 +69,17 @@ def _read_text(url: str, storage: StorageSpec) -> str | None:
 def _newest_correlation_image(run: str, storage: StorageSpec) -> tuple[int, bytes] | None:
     """(step, PNG bytes) of the newest cross-correlation image in the run's event files, read with TensorBoard's
     EventAccumulator (which drops the events a resumed run purged)."""
-    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
-
     fs, path = filesystem(f"{run}/{FOLDER}", storage)
     if not fs.exists(path):
         return None
     with tempfile.TemporaryDirectory(prefix="barlow-report-") as folder:
         for name in fs.glob(f"{path}/{EVENT_FILES}"):
             fs.get_file(name, str(Path(folder) / Path(name).name))
-        accumulator = EventAccumulator(folder, size_guidance={IMAGES: 1})
+        accumulator = EventAccumulator(folder, size_guidance={IMAGES: 0})  # all: a resume's purge may drop the last
         accumulator.Reload()
-        if CORRELATION_TAG not in accumulator.Tags().get(IMAGES, []):
-            return None
-        newest = max(accumulator.Images(CORRELATION_TAG), key=lambda event: event.step)
-        return newest.step, newest.encoded_image_string
+        images = accumulator.Images(CORRELATION_TAG) if CORRELATION_TAG in accumulator.Tags()[IMAGES] else []
+        newest = max(images, key=lambda event: event.step, default=None)  # none when a resume purged them all
+        return None if newest is None else (newest.step, newest.encoded_image_string)
 
 
 def _series(lines: list[dict[str, Any]], field: str) -> dict[str, list]:
@@ -105,7 +106,9 @@ def _events(log: RunLog) -> list[dict[str, Any]]:
 
 def _svg(figure: Figure) -> str:
     buffer = io.StringIO()
-    figure.savefig(buffer, format="svg", bbox_inches="tight")
+    # no metadata: its date and RDF namespace URLs are noise in a page
+    figure.savefig(buffer, format="svg", bbox_inches="tight",
+                   metadata={"Creator": None, "Date": None, "Format": None, "Type": None})
     text = buffer.getvalue()
     return text[text.index("<svg"):]  # the XML prolog and doctype do not belong inside HTML
 
@@ -145,34 +148,36 @@ def _throughput(series: dict[str, dict[str, list]], events: list[dict[str, Any]]
 
 def _timeline(log: RunLog, events: list[dict[str, Any]]) -> tuple[Figure, dict[str, Any]]:
     """Wall-clock time against step: a gap between a pre-emption and its resume shows as a flat stretch."""
-    timed = [line for line in log.steps if log.wall_clock(line) is not None]
-    starts = [start["wall"] for start in log.starts if start.get("wall") is not None]
-    origin = min(starts or [log.wall_clock(line) or 0.0 for line in timed] or [0.0])
-    hours = [((log.wall_clock(line) or 0.0) - origin) / 3600 for line in timed]
+    walls = [(log.wall_clock(line), line["step"]) for line in log.steps]
+    timed = [(wall, step) for wall, step in walls if wall is not None]
+    marks = [event for event in events if event["wall"] is not None]
+    origin = min((start["wall"] for start in log.starts if start.get("wall") is not None), default=0.0)
+    unit, seconds = _time_unit(max([wall for wall, _ in timed] + [event["wall"] for event in marks], default=origin)
+                               - origin)
+    times = [(wall - origin) / seconds for wall, _ in timed]
     figure = Figure(figsize=(9, 3.4))
     axes = figure.add_subplot()
-    axes.plot(hours, [line["step"] for line in timed], marker=".", label="logged step")
+    axes.plot(times, [step for _, step in timed], marker=".", label="logged step")
     shown = set()
-    for event in events:
-        if event["wall"] is None or event["kind"] == "end":
-            continue
-        color, _ = EVENT_STYLE[event["kind"]]
-        axes.scatter([(event["wall"] - origin) / 3600], [event["step"]], color=color, zorder=3,
-                     label=None if event["kind"] in shown else event["kind"])
+    for event in marks:
+        axes.scatter([(event["wall"] - origin) / seconds], [event["step"]], color=EVENT_STYLE[event["kind"]][0],
+                     zorder=3, label=None if event["kind"] in shown else event["kind"])
         shown.add(event["kind"])
     axes.set_title("timeline")
-    axes.set_xlabel(f"hours since {_utc(origin)}")
+    axes.set_xlabel(f"{unit} since {_utc(origin)}")
     axes.set_ylabel("step")
     axes.grid(alpha=0.3)
     axes.legend(loc="best", fontsize="small")
-    data = {"series": {"step": {"x": hours, "y": [line["step"] for line in timed]}},
-            "events": [event for event in events if event["wall"] is not None and event["kind"] != "end"]}
-    return figure, data
+    return figure, {"series": {"step": {"x": times, "y": [step for _, step in timed]}}, "events": marks,
+                    "origin": origin, "unit": unit}
+
+
+def _time_unit(span_s: float) -> tuple[str, float]:
+    """The unit, and its seconds, that shows a span of `span_s` seconds in readable numbers."""
+    return ("seconds", 1.0) if span_s < 120 else ("minutes", 60.0) if span_s < 7200 else ("hours", 3600.0)
 
 
 def _heatmap(image: tuple[int, bytes]) -> tuple[Figure, dict[str, Any]]:
-    from PIL import Image
-
     step, png = image
     pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
     figure = Figure(figsize=(5.2, 4.4))
@@ -180,9 +185,6 @@ def _heatmap(image: tuple[int, bytes]) -> tuple[Figure, dict[str, Any]]:
     axes.imshow(pixels, interpolation="nearest")
     colors = LinearSegmentedColormap.from_list(
         "correlation", [np.array(color) / 255 for color in (NEGATIVE, ZERO, POSITIVE)])
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-
     figure.colorbar(ScalarMappable(Normalize(-1, 1), colors), ax=axes, label="C_ij")
     axes.set_title(f"cross-correlation at step {step} ({pixels.shape[0]} x {pixels.shape[1]})")
     axes.set_xlabel("dimension j (every D/64-th)")
@@ -194,8 +196,6 @@ def _heatmap(image: tuple[int, bytes]) -> tuple[Figure, dict[str, Any]]:
 def _projector_width(spec_text: str | None) -> int | None:
     if not spec_text:
         return None
-    import yaml
-
     projector = (yaml.safe_load(spec_text) or {}).get("model", {}).get("projector")
     return int(str(projector).split("-")[-1]) if projector else None
 
@@ -242,11 +242,13 @@ def _utc(seconds: float | None) -> str:
 
 
 def _progress(log: RunLog) -> str:
+    """Steps done of the total, and the last logged loss (a logged step's `step` is the step it trained, an event's the
+    steps done before it)."""
     last = log.last_step
+    done = max([event["step"] for event in log.events[-1:]] + ([last["step"] + 1] if last else []), default=0)
     total = log.starts[-1].get("total_steps") if log.starts else None
-    if last is None:
-        return "no step logged yet"
-    return f"step {last['step']} of {total if total is not None else '?'}, loss {last['loss']:.6g}"
+    loss = f"loss {last['loss']:.6g} at step {last['step']}" if last else "no step logged yet"
+    return f"{done} of {total if total is not None else '?'} steps done, {loss}"
 
 
 def _page(run: str, log: RunLog, spec_text: str | None, checkpoints: list[CheckpointInfo],
