@@ -387,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         record_user_error(f"barlow: {error}")
         return 2
     except storage_errors() as error:  # reading a run or a checkpoint: bad credentials, endpoint, bucket
-        where = {"checkpoints": "run", "export": "checkpoint", "report": "run", "runs": "url"}.get(args.command)
+        where = {"checkpoints": "run", "export": "checkpoint", "report": "run", "runs": "url",
+                 "status": "target"}.get(args.command)
         if args.command == "data":
             where = "url" if args.action == "ls" else "dest"
         if where is None:
