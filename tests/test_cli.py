@@ -75,9 +75,15 @@ def test_digits_pretraining_under_torchrun_loss_falls_and_exports(tmp_path):
     monitor = [line for line in lines if "knn_top1" in line]  # every 2 epochs and the last
     assert [(line["epoch"], line["step"]) for line in monitor] == [(1, 16), (2, 24)]
     assert all(0 <= line["knn_top1"] <= 100 for line in monitor)
-    lines = [line for line in lines if "knn_top1" not in line]
+    events = [line for line in lines if "event" in line]
+    assert [(event["event"], event["step"]) for event in events] == [
+        ("start", 0), ("checkpoint", 8), ("checkpoint", 16), ("checkpoint", 24), ("end", 24)]
+    assert events[0]["world_size"] == 2 and events[0]["total_steps"] == 24
+    lines = [line for line in lines if "knn_top1" not in line and "event" not in line]
     assert [line["step"] for line in lines] == list(range(24))  # 1078 digits // 128 = 8 steps per epoch
-    assert all(set(line) == {"epoch", "step", "lr_weights", "lr_biases", "loss", "time"} for line in lines)
+    # the reference's fields first, then this service's measurements
+    assert all(list(line)[:6] == ["epoch", "step", "lr_weights", "lr_biases", "loss", "time"] for line in lines)
+    assert all(line["images_per_s_per_worker"] == pytest.approx(line["images_per_s"] / 2) for line in lines)
     losses = [line["loss"] for line in lines]
     # the last epoch's mean against the first's (warm-up): measured 0.92; without updates (lr 0) about 1
     assert sum(losses[-8:]) / 8 < 0.95 * sum(losses[:8]) / 8, losses
@@ -104,7 +110,10 @@ def test_rerun_resumes_from_the_last_epoch_checkpoint(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     text = (output / "stats.txt").read_text().splitlines()
     second_start = [i for i, line in enumerate(text) if line.startswith("barlow ")][1]
-    resumed = [json.loads(line) for line in text[second_start + 1:]]
+    lines = [json.loads(line) for line in text[second_start + 1:]]
+    assert lines[0]["event"] == "start" and lines[0]["step"] == 8
+    assert lines[0]["resumed_from"].endswith("step-000000008")
+    resumed = [line for line in lines if "event" not in line]
     assert resumed[0] == {"epoch": 1, "step": 8, "resumed_with_changes": {"optim.epochs": [1, 2]},
                           "time": resumed[0]["time"]}
     training = [line for line in resumed if "loss" in line]

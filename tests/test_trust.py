@@ -201,8 +201,11 @@ def test_a_second_run_on_the_same_output_is_refused_and_the_first_loses_nothing(
     finally:
         first.kill()
     assert first.returncode == 0, err[-3000:]
-    command, *lines = fs.cat_file(f"{path}/stats.txt").decode().splitlines()
-    assert "run.log_every=2" not in command and [json.loads(line)["step"] for line in lines] == list(range(64))
+    command, *text = fs.cat_file(f"{path}/stats.txt").decode().splitlines()
+    lines = [json.loads(line) for line in text]
+    assert "run.log_every=2" not in command and [line["step"] for line in lines if "event" not in line] == list(
+        range(64))
+    assert [line["step"] for line in lines if line.get("event") == "start"] == [0]  # the refused run wrote nothing
     checkpoints = list_checkpoints(url, storage)
     assert [c.step for c in checkpoints] == [60, 64]
     assert len({c.run_id for c in checkpoints}) == 1 and checkpoints[0].run_id
