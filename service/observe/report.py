@@ -50,8 +50,9 @@ def write_report(run: str, output: str, storage: StorageSpec) -> str:
     spec_text = _read_text(f"{run}/spec.yaml", storage)
     checkpoints = [c for c in list_checkpoints(run, storage) if c.valid]
     image = _newest_correlation_image(run, storage)
-    figures = _figures(log, spec_text, image)
-    page = _page(run, log, spec_text, checkpoints, figures)
+    events = _events(log)
+    figures = _figures(log, events, spec_text, image)
+    page = _page(run, log, events, spec_text, checkpoints, figures)
     fs, path = filesystem(output, storage)
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
     if parent:
@@ -200,9 +201,9 @@ def _projector_width(spec_text: str | None) -> int | None:
     return int(str(projector).split("-")[-1]) if projector else None
 
 
-def _figures(log: RunLog, spec_text: str | None, image: tuple[int, bytes] | None) -> list[dict[str, Any]]:
+def _figures(log: RunLog, events: list[dict[str, Any]], spec_text: str | None,
+             image: tuple[int, bytes] | None) -> list[dict[str, Any]]:
     """(name, title, svg, data) of every figure, in the page's order."""
-    events = _events(log)
     step_events = [event for event in events if event["kind"] != "end"]
     series = {field: _series(log.steps, field) for field in (
         "loss", "loss_on_diag", "loss_off_diag", "lr_weights", "lr_biases", "images_per_s", "data_wait",
@@ -251,8 +252,8 @@ def _progress(log: RunLog) -> str:
     return f"{done} of {total if total is not None else '?'} steps done, {loss}"
 
 
-def _page(run: str, log: RunLog, spec_text: str | None, checkpoints: list[CheckpointInfo],
-          figures: list[dict[str, Any]]) -> str:
+def _page(run: str, log: RunLog, events: list[dict[str, Any]], spec_text: str | None,
+          checkpoints: list[CheckpointInfo], figures: list[dict[str, Any]]) -> str:
     newest = checkpoints[-1] if checkpoints else None
     ended = bool(log.events) and log.events[-1]["event"] == "end"
     knn = log.knn[-1]["knn_top1"] if log.knn else None
@@ -266,9 +267,9 @@ def _page(run: str, log: RunLog, spec_text: str | None, checkpoints: list[Checkp
         ("written", _utc(datetime.now(timezone.utc).timestamp())),
     ]
     rows = "".join(f"<tr><th>{html.escape(key)}</th><td>{html.escape(str(value))}</td></tr>" for key, value in facts)
-    events = "".join(
+    event_rows = "".join(
         f"<tr><td>{html.escape(_utc(event['wall']))}</td><td>{html.escape(event['kind'])}</td>"
-        f"<td>{event['step']}</td><td>{html.escape(event['label'])}</td></tr>" for event in _events(log))
+        f"<td>{event['step']}</td><td>{html.escape(event['label'])}</td></tr>" for event in events)
     sections = "".join(
         f'<figure id="fig-{figure["name"]}"><figcaption>{html.escape(figure["title"])}</figcaption>{figure["svg"]}'
         f'<script type="application/json" class="figure-data" data-figure="{figure["name"]}">'
@@ -290,7 +291,7 @@ pre {{ background: #f4f4f4; padding: 1em; overflow-x: auto; }}
 {sections}
 <h2>Events</h2>
 <table id="events"><thead><tr><th>time</th><th>event</th><th>step</th><th></th></tr></thead>
-<tbody>{events}</tbody></table>
+<tbody>{event_rows}</tbody></table>
 <h2>Spec</h2>
 <pre id="spec">{spec}</pre>
 </body></html>

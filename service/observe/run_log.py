@@ -27,7 +27,6 @@ class RunLog:
     knn: list[dict[str, Any]] = field(default_factory=list)  # {"epoch", "step", "knn_top1", "time"}
     events: list[dict[str, Any]] = field(default_factory=list)  # {"event": "start" | "checkpoint" | ..., ...}
     other: list[dict[str, Any]] = field(default_factory=list)  # evaluation results, resumes with changes, ...
-    commands: list[str] = field(default_factory=list)  # each attempt's command line
 
     @property
     def starts(self) -> list[dict[str, Any]]:
@@ -52,14 +51,12 @@ def _retrained(line: dict[str, Any], resumed: int) -> bool:
 def parse_stats(text: str) -> RunLog:
     """A RunLog from stats.txt's text, later attempts superseding the steps they trained again."""
     kept: list[dict[str, Any]] = []
-    commands: list[str] = []
     wall: float | None = None
     for raw in text.splitlines():
         raw = raw.strip()
         if not raw:
             continue
-        if not raw.startswith("{"):
-            commands.append(raw)
+        if not raw.startswith("{"):  # an attempt's command line
             continue
         try:
             line = json.loads(raw)
@@ -70,7 +67,7 @@ def parse_stats(text: str) -> RunLog:
             kept = [old for old in kept if "step" not in old or not _retrained(old, line["step"])]
         line["_start"] = wall
         kept.append(line)
-    log = RunLog(commands=commands)
+    log = RunLog()
     for line in kept:
         if "event" in line:
             log.events.append(line)
