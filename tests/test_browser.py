@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.browser import BrowserError, open_page
+from tests.support.browser import BrowserError, open_page
 
 needs_chromium = pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium: make browser")
 

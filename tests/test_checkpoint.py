@@ -27,7 +27,7 @@ from service.storage.checkpoint import (
     verify_checkpoint,
 )
 from service.storage.filesystem import filesystem
-from tests.s3_server import S3Server
+from tests.support.s3_server import S3Server
 
 MODEL = ModelSpec(backbone="resnet18", stem="cifar", projector="32-16")
 WORKER = Worker(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))

@@ -13,7 +13,7 @@ import yaml
 
 from service.cli import main
 from service.spec import load_spec
-from tests.run_logs import resumed_step
+from tests.support.runs import resumed_step
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "specs" / "digits.yaml")

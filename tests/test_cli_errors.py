@@ -17,7 +17,7 @@ import pytest
 
 from service.data.datasets import Cifar10, ImageFolder
 from service.data.errors import DataError
-from tests.s3_server import TEST_CREDENTIALS, S3Server, free_port
+from tests.support.s3_server import TEST_CREDENTIALS, S3Server, free_port
 from tests.test_checkpoint import Training
 
 ROOT = Path(__file__).resolve().parents[1]

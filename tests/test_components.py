@@ -16,7 +16,7 @@ from components.barlowtwins import IMAGE_REFERENCE, evaluate, parse_nnodes, trai
 from service.launch.scheduler import BarlowKubernetesScheduler, complete_volcano_job, parse_toleration
 from service.launch.torchx_api import SubmissionError, run_option
 from service.spec import TrainSpec, load_spec, spec_digest
-from tests.k8s_schemas import template_as_pod, validate_core, validate_volcano
+from tests.support.k8s_schemas import template_as_pod, validate_core, validate_volcano
 
 COMPONENT = "components/barlowtwins.py"
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,7 +20,7 @@ from service.evaluation.compare import (
 )
 from service.spec import StorageSpec
 from service.storage.filesystem import filesystem
-from tests.s3_server import TEST_CREDENTIALS
+from tests.support.s3_server import TEST_CREDENTIALS
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

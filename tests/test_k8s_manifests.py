@@ -11,7 +11,7 @@ import yaml
 from torchx.runner.config import apply as apply_torchxconfig
 from torchx.schedulers import get_scheduler_factories
 
-from tests.k8s_schemas import (
+from tests.support.k8s_schemas import (
     checkov_failures,
     template_as_pod,
     validate_core,

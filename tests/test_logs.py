@@ -163,7 +163,7 @@ def test_a_worker_that_raises_leaves_its_traceback_in_torchrun_error_file(tmp_pa
     env = {key: value for key, value in os.environ.items() if key not in LAUNCH_VARIABLES}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts",
-         "0", "tests/raising_worker.py", "train", "specs/digits.yaml", "--set", f"run.output={tmp_path / 'run'}"],
+         "0", "tests/support/raising_worker.py", "train", "specs/digits.yaml", "--set", f"run.output={tmp_path / 'run'}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
 

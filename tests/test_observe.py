@@ -25,7 +25,7 @@ from service.runtime.precision import Precision
 from service.spec import LossSpec, ModelSpec, StorageSpec
 from service.storage.filesystem import filesystem
 from service.trainer import training_step
-from tests.run_logs import resumed_step
+from tests.support.runs import resumed_step
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["optim.epochs=1", "optim.batch_size=256", "model.projector=64-64-64", "run.log_every=1",

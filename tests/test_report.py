@@ -25,8 +25,8 @@ from service.observe.stats import CORRELATION_TAG
 from service.observe.tensorboard import POSITIVE, ZERO, EventFiles, correlation_colors
 from service.spec import StorageSpec
 from service.storage.filesystem import StorageError, filesystem
-from tests.browser import open_page
-from tests.run_logs import resumed_step
+from tests.support.browser import open_page
+from tests.support.runs import resumed_step
 
 ROOT = Path(__file__).resolve().parents[1]
 BARLOW = str(ROOT / ".venv/bin/barlow")

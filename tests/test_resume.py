@@ -18,7 +18,7 @@ import torch
 
 from service.spec import StorageSpec
 from service.storage.checkpoint import list_checkpoints
-from tests.run_logs import resumed_step
+from tests.support.runs import resumed_step
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +68,7 @@ def read_outputs(fs, run: str) -> tuple[dict, dict[int, float]]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(s3_server, tmp_path_factory):
-    from tests.s3_server import TEST_CREDENTIALS
+    from tests.support.s3_server import TEST_CREDENTIALS
 
     os.environ.update(TEST_CREDENTIALS)
     bucket = s3_server.create_bucket("uninterrupted")

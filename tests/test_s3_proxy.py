@@ -13,7 +13,7 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError, ConnectionClosedError
 
-from tests.s3_proxy import S3Proxy
+from tests.support.s3_proxy import S3Proxy
 
 DATA = bytes(range(256)) * 64  # 16 KiB, every offset's byte known
 

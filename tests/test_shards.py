@@ -31,8 +31,8 @@ from service.data.shards import INDEX
 from service.method.transforms import two_view_pipelines
 from service.spec import AugmentSpec, StorageSpec
 from service.storage.filesystem import StorageError, fsspec_options
-from tests.s3_proxy import S3Proxy
-from tests.s3_server import TEST_CREDENTIALS
+from tests.support.s3_proxy import S3Proxy
+from tests.support.s3_server import TEST_CREDENTIALS
 
 ROOT = Path(__file__).resolve().parents[1]
 BARLOW = str(Path(sys.executable).parent / "barlow")

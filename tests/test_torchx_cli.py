@@ -22,7 +22,7 @@ from torch.distributed.run import get_args_parser
 
 import components.barlowtwins as barlowtwins
 from service.spec import EvaluateSpec, TrainSpec, load_spec, spec_digest
-from tests.k8s_schemas import checkov_failures, template_as_pod, validate_core, validate_volcano
+from tests.support.k8s_schemas import checkov_failures, template_as_pod, validate_core, validate_volcano
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -18,7 +18,7 @@ import torchvision
 
 from service.spec import StorageSpec
 from service.storage.checkpoint import list_checkpoints
-from tests.run_logs import resumed_step
+from tests.support.runs import resumed_step
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

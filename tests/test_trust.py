@@ -20,7 +20,7 @@ import torch
 from service.spec import StorageSpec
 from service.storage.checkpoint import list_checkpoints, verify_checkpoint
 from service.storage.filesystem import filesystem
-from tests.run_logs import resumed_step
+from tests.support.runs import resumed_step
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,7 +253,7 @@ def test_resume_refuses_a_changed_recipe_unless_told_and_records_what_changed(re
 
 
 def test_a_run_whose_last_checkpoint_does_not_commit_exits_non_zero_and_exports_nothing(aws_env):
-    from tests.s3_server import S3Server
+    from tests.support.s3_server import S3Server
 
     server = S3Server().start()
     try:

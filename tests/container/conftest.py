@@ -1,6 +1,6 @@
 import pytest
 
-from tests.container.engine import build_image
+from tests.support.container_engine import build_image
 
 
 @pytest.fixture(scope="session")

@@ -21,9 +21,9 @@ from service.spec import StorageSpec
 from service.storage.checkpoint import list_checkpoints
 from service.storage.export import export_checkpoint
 from service.storage.filesystem import filesystem
-from tests.container.engine import IMAGE, engine
-from tests.run_logs import resumed_step
-from tests.s3_server import TEST_CREDENTIALS
+from tests.support.container_engine import IMAGE, engine
+from tests.support.runs import resumed_step
+from tests.support.s3_server import TEST_CREDENTIALS
 
 pytestmark = [pytest.mark.slow, pytest.mark.container]
 # A short run: 3 epochs of 8 steps at batch 128 (1,078 training digits), a checkpoint every 4 steps.

@@ -28,10 +28,10 @@ import yaml
 from service.spec import StorageSpec
 from service.storage.checkpoint import list_checkpoints
 from service.storage.filesystem import filesystem
-from tests.container.engine import ENGINE, IMAGE, engine
-from tests.container.volcano_pods import podman_secret_name, pods
-from tests.run_logs import resumed_step
-from tests.s3_server import TEST_CREDENTIALS, S3Server
+from tests.support.container_engine import ENGINE, IMAGE, engine
+from tests.support.volcano_pods import podman_secret_name, pods
+from tests.support.runs import resumed_step
+from tests.support.s3_server import TEST_CREDENTIALS, S3Server
 
 pytestmark = [pytest.mark.slow, pytest.mark.container]
 ROOT = Path(__file__).resolve().parents[2]

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.container.engine import ENGINE, IMAGE, ROOT, engine
-from tests.s3_server import free_port
+from tests.support.container_engine import ENGINE, IMAGE, ROOT, engine
+from tests.support.s3_server import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.container]
 TORCHX = str(Path(sys.executable).parent / "torchx")

@@ -10,7 +10,7 @@ import yaml
 
 from service.spec import EvaluateSpec, SpecError, TrainSpec, apply_overrides, json_schema, load_spec, spec_to_yaml
 
-SPECS = Path(__file__).resolve().parent.parent / "specs"
+SPECS = Path(__file__).resolve().parents[2] / "specs"
 SPEC_FILES = sorted(SPECS.glob("*.yaml")) + sorted(SPECS.glob("*.yml"))
 DIGITS = ["data.dataset=digits"]  # satisfies the data.path rule without a data set
 

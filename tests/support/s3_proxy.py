@@ -1,6 +1,6 @@
 """S3 as it behaves over a network: a reverse proxy in front of the moto server, with latency and injected faults.
 
-Run it as its own process (``python -m tests.s3_proxy --upstream URL --port N``) or through :class:`S3Proxy`.
+Run it as its own process (``python -m tests.support.s3_proxy --upstream URL --port N``) or through :class:`S3Proxy`.
 Every request is forwarded as it came (method, raw path and query, headers with the client's Host, which boto
 signs, and body) after a uniform random delay, and the answer is streamed back. Rules and statistics live under
 ``/__proxy__/`` on the same port (no S3 bucket name starts with an underscore):
@@ -37,7 +37,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from tests.s3_server import free_port
+from tests.support.s3_server import free_port
 
 PREFIX = "/__proxy__/"
 KINDS = ("slowdown", "reset", "truncate", "slow")
@@ -267,14 +267,14 @@ class S3Proxy:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> S3Proxy:
-        command = [sys.executable, "-m", "tests.s3_proxy", "--upstream", self.upstream_url, "--host", self.host,
+        command = [sys.executable, "-m", "tests.support.s3_proxy", "--upstream", self.upstream_url, "--host", self.host,
                    "--port", str(self.port), "--min-ms", str(self.latency[0]), "--max-ms", str(self.latency[1])]
         if self.seed is not None:
             command += ["--seed", str(self.seed)]
         if self.memory:
             command.append("--memory")
         # stderr is inherited: a traceback in the proxy shows in the test's captured output
-        self.process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL)
+        self.process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[2], stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and self.process.poll() is None:
             try:

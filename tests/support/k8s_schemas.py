@@ -47,7 +47,7 @@ _BUILTIN_GROUPS = {"", "apps", "batch", "autoscaling", "policy"}
 def shared_dir() -> Path:
     """The shared folder beside the repository (CI clones it to ../shared), or $BARLOW_SHARED_DIR."""
     override = os.environ.get(SHARED_DIR_ENV)
-    return Path(override) if override else Path(__file__).resolve().parents[2] / "shared"
+    return Path(override) if override else Path(__file__).resolve().parents[3] / "shared"
 
 
 def _describe(obj: dict) -> str:
