@@ -32,13 +32,16 @@ demo: train
 train: setup
 	$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m service train $(SPEC)
 
-## test: the static checks, then the whole suite (unit, multi-process, end-to-end)
-test: lint
-	$(BIN)/python -m pytest
+## test: the static checks, then the whole suite (unit, integration, end-to-end, distributed, container), with its
+## 25 slowest tests at the end. LINT= skips the static checks (CI runs them as a phase of their own)
+LINT ?= lint
+PYTEST_ARGS ?=
+test: setup $(LINT)
+	$(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS)
 
-## test-fast: the static checks and the unit tests only
-test-fast: lint
-	$(BIN)/python -m pytest -m "not slow"
+## test-fast: the unit tests only (tests/unit: in process, no network, each well under a second)
+test-fast: setup
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 ## lint: ruff (pycodestyle, pyflakes, import order, blind excepts) on code, tests and benchmarks, then mypy on
 ## service/, components/ and bench/ (settings of both in pyproject.toml)

@@ -28,7 +28,7 @@ from service.runtime.distributed import Worker  # noqa: E402
 from service.spec import CheckpointSpec, StorageSpec, TrainSpec  # noqa: E402
 from service.storage.checkpoint import CheckpointManager  # noqa: E402
 from service.storage.filesystem import filesystem  # noqa: E402
-from tests.s3_server import TEST_CREDENTIALS, S3Server  # noqa: E402
+from tests.support.s3_server import TEST_CREDENTIALS, S3Server  # noqa: E402
 
 
 def training_state(model_section: dict):

@@ -40,8 +40,8 @@ from service.data.shard_reader import ShardedImages  # noqa: E402
 from service.method.transforms import two_view_pipelines  # noqa: E402
 from service.spec import AugmentSpec, StorageSpec  # noqa: E402
 from service.storage.filesystem import fsspec_options  # noqa: E402
-from tests.s3_proxy import S3Proxy  # noqa: E402
-from tests.s3_server import TEST_CREDENTIALS, S3Server  # noqa: E402
+from tests.support.s3_proxy import S3Proxy  # noqa: E402
+from tests.support.s3_server import TEST_CREDENTIALS, S3Server  # noqa: E402
 
 BUCKET = "bench"
 

@@ -7,23 +7,39 @@ real neighbours, the S3 server or loader processes; `tests/e2e`: what a user typ
 """
 
 import itertools
+from pathlib import Path
 
 import pytest
 from s3fs import S3FileSystem
 
+from tests.support.container_engine import background_build
 from tests.support.s3_server import TEST_CREDENTIALS, S3Server
 
+_TESTS = Path(__file__).resolve().parent
 _bucket_numbers = itertools.count()
 _FOLDER_MARKERS = {"distributed": "torchrun", "container": "container"}
+# the order the folders run in: the quick ones first, so that a broken module fails in seconds; the container tests
+# last, so that the image builds in the background meanwhile
+_FOLDER_ORDER = ["unit", "integration", "e2e", "distributed", "container"]
+
+
+def _folder(item: pytest.Item) -> str:
+    return item.path.relative_to(_TESTS).parts[0] if item.path.is_relative_to(_TESTS) else ""
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
         if {"s3_server", "s3_bucket"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.s3)
-        folder = item.path.parent.name
-        if folder in _FOLDER_MARKERS:
-            item.add_marker(_FOLDER_MARKERS[folder])
+        if _folder(item) in _FOLDER_MARKERS:
+            item.add_marker(_FOLDER_MARKERS[_folder(item)])
+    rank = {folder: index for index, folder in enumerate(_FOLDER_ORDER)}
+    items.sort(key=lambda item: rank.get(_folder(item), len(rank)))
+
+
+def pytest_collection_finish(session):
+    if not session.config.option.collectonly and any(item.get_closest_marker("container") for item in session.items):
+        background_build.start()
 
 
 @pytest.fixture(scope="session")

@@ -22,13 +22,13 @@ from service.storage.checkpoint import list_checkpoints
 from service.storage.export import export_checkpoint
 from service.storage.filesystem import filesystem
 from tests.support.container_engine import IMAGE, engine
-from tests.support.runs import resumed_step
+from tests.support.runs import TINY, TINY_STEPS_PER_EPOCH, resumed_step
 from tests.support.s3_server import TEST_CREDENTIALS
 
 pytestmark = [pytest.mark.slow, pytest.mark.container]
-# A short run: 3 epochs of 8 steps at batch 128 (1,078 training digits), a checkpoint every 4 steps.
-TOTAL_STEPS = 24
-SETTINGS = ["optim.epochs=3", "checkpoint.every_steps=4", "run.log_every=1"]
+# The tiny recipe over 3 epochs: 48 steps of 64 digits, a checkpoint every 4 steps, SIGTERM after the first.
+TOTAL_STEPS = 3 * TINY_STEPS_PER_EPOCH
+SETTINGS = [*TINY, "optim.epochs=3"]
 
 
 def container_command(name: str, run_url: str, endpoint: str, *command: str, detach: bool = False) -> list[str]:

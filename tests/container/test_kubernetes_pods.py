@@ -29,17 +29,17 @@ from service.spec import StorageSpec
 from service.storage.checkpoint import list_checkpoints
 from service.storage.filesystem import filesystem
 from tests.support.container_engine import ENGINE, IMAGE, engine
-from tests.support.volcano_pods import podman_secret_name, pods
-from tests.support.runs import resumed_step
+from tests.support.runs import TINY, TINY_STEPS_PER_EPOCH, resumed_step
 from tests.support.s3_server import TEST_CREDENTIALS, S3Server
+from tests.support.volcano_pods import podman_secret_name, pods
 
 pytestmark = [pytest.mark.slow, pytest.mark.container]
 ROOT = Path(__file__).resolve().parents[2]
 TORCHX = str(Path(sys.executable).parent / "torchx")
 SECRET = "barlow-s3-credentials"
-# 2 epochs of 8 steps (1,078 training digits, global batch 128 over the 2 nodes), a checkpoint every 3 steps
-TOTAL_STEPS = 16
-SETTINGS = ["optim.epochs=2", "checkpoint.every_steps=3", "run.log_every=1", "monitor.knn_every_epochs=null"]
+# The tiny recipe over 2 epochs: 32 steps (global batch 64 over the 2 nodes), a checkpoint every 3 steps
+TOTAL_STEPS = 2 * TINY_STEPS_PER_EPOCH
+SETTINGS = [*TINY, "optim.epochs=2", "checkpoint.every_steps=3"]
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
+import threading
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGINE = str(ROOT / "docker" / "engine.sh")
@@ -36,6 +39,13 @@ def base_image() -> str | None:
 
 
 def build_image() -> str:
+    """Build the training image from docker/Dockerfile (skipped without a working engine); one build at a time on
+    this machine, so that pytest-xdist's workers share the first one's layers instead of building them twice."""
+    with FileLock(Path(tempfile.gettempdir()) / "barlowtwins-image-build.lock"):
+        return _build_image()
+
+
+def _build_image() -> str:
     name = subprocess.run([ENGINE, "name"], capture_output=True, text=True)
     if name.returncode != 0:
         pytest.skip(f"NO CONTAINER ENGINE: the training image was neither built nor run. {name.stderr.strip()}")
@@ -49,3 +59,37 @@ def build_image() -> str:
     return IMAGE
 
 
+
+
+class BackgroundBuild:
+    """The image built in a daemon thread, started once the session knows it has container tests: they run last,
+    and the build (minutes of wheels unpacked into layers, mostly disk) overlaps the tests that run before them."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._outcome: tuple[str | None, BaseException | None] = (None, None)
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._build, name="image-build", daemon=True)
+            self._thread.start()
+
+    def _build(self) -> None:
+        try:
+            self._outcome = (build_image(), None)
+        except BaseException as error:  # noqa: BLE001 - pytest.skip's and the assertion's, handed to the fixture
+            self._outcome = (None, error)
+        self._done.set()
+
+    def result(self) -> str:
+        self.start()
+        self._done.wait()
+        image, error = self._outcome
+        if error is not None:
+            raise error
+        assert image is not None
+        return image
+
+
+background_build = BackgroundBuild()

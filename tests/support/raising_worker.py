@@ -1,7 +1,7 @@
 """A torchrun worker whose training fails with an error nobody foresaw, through the real `python -m service` entry
 point: what a crashing worker leaves in torchrun's error file (tests/test_logs.py).
 
-    torchrun --standalone --nproc-per-node 2 tests/support/raising_worker.py train specs/digits.yaml --set run.output=...
+    torchrun --standalone --nproc-per-node 2 tests/support/raising_worker.py train specs/digits.yaml --set run.output=X
 """
 
 import sys
