@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+RUNTIME_STAMP := $(VENV)/.installed-runtime
 NPROC ?= 2
 SPEC ?= specs/digits.yaml
 # One thread per worker: on a laptop the workers share its cores (torchrun would set it and warn).
@@ -22,11 +23,20 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 ## demo: pretrain on the built-in digits on the CPU, then compare with the untrained network and raw pixels. One
-## torchrun worker with a thread per core: faster here than a worker per core (1.5 against 2.0 s a step, 2 cores)
+## torchrun worker with a thread per core: faster here than a worker per core (1.5 against 2.0 s a step, 2 cores).
+## It needs only the runtime dependencies: 1 min 17 s to install against 1 min 54 s with the test extras
 demo: NPROC = 1
 demo: export OMP_NUM_THREADS = $(shell nproc)
-demo: train
+demo: $(RUNTIME_STAMP)
+	$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m service train $(SPEC)
 	$(BIN)/barlow compare $(SPEC)
+
+# the runtime dependencies alone, unless setup's install (a superset) is current; make setup adds the test extras
+$(RUNTIME_STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test $(STAMP) -nt pyproject.toml -a $(STAMP) -nt constraints.txt || \
+	  $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e .
+	touch $@
 
 ## train: any spec on this machine, e.g. make train SPEC=specs/cifar10.yaml NPROC=8
 train: setup

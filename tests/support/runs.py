@@ -12,7 +12,12 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+
+from service.spec import StorageSpec
+from service.storage.filesystem import filesystem
+from tests.support.s3_server import TEST_CREDENTIALS
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -41,7 +46,7 @@ def train_args(output: str, *extra: str, endpoint: str | None = None, recipe: li
 
 
 def command(*args: str, torchrun: int | None = None) -> list[str]:
-    """The `barlow` executable with `args`, or `torchrun --standalone` with `torchrun` workers of `python -m service`."""
+    """`barlow ARGS`, or `python -m service ARGS` on `torchrun` workers (torchrun --standalone)."""
     if torchrun:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={torchrun}",
                 "-m", "service", *args]
@@ -86,3 +91,55 @@ def resumed_step(log: str) -> int:
     match = _RESUMED.search(log)
     assert match, f"the run did not resume:\n{log[-3000:]}"
     return int(match.group(1))
+
+
+# --- the runs that tests/e2e/conftest.py shares (one of each per test session) ---
+
+# The shared torchrun runs (`tiny_run`, `resumed_run`) and their interrupted twins: the tiny recipe with every
+# observation on (the kNN monitor after the epoch, a cross-correlation image every 2 steps) and the colour
+# augmentations on the device, whose views are the same at any world size.
+SHARED = [*TINY, "monitor.knn_every_epochs=1", "run.image_every=2", "augment.color_on=device"]
+# The local reference (`local_run`) keeps its checkpoints 8, 12 and 16: a test can corrupt the two newest and still
+# resume from the third. Its reruns pass the same settings.
+LOCAL = ["checkpoint.keep_last=3"]
+IN_A_POD = {"KUBERNETES_SERVICE_HOST": "10.96.0.1"}  # as a pod's environment has it
+# What a `barlow` subprocess needs for the moto S3 server: its credentials, and nothing from this machine's ~/.aws.
+S3_ENV = {**TEST_CREDENTIALS, "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent"}
+
+
+@dataclass(frozen=True)
+class Run:
+    """A finished run: where it is, and what its (last) `barlow train` printed."""
+
+    url: str
+    storage: StorageSpec
+    result: subprocess.CompletedProcess | None = None
+
+    @property
+    def endpoint(self) -> str | None:
+        return self.storage.endpoint_url
+
+    def read(self, name: str) -> bytes:
+        """The run's file `name` (e.g. stats.txt); on S3, with the test's credentials (the aws_env fixture)."""
+        fs, path = filesystem(f"{self.url}/{name}", self.storage)
+        return fs.cat_file(path)
+
+    def records(self) -> list[dict]:
+        return stats_records(self.read("stats.txt").decode())
+
+
+def copy_tree(fs, source: str, destination: str, skip: tuple[str, ...] = ()) -> None:
+    """Copy the files under `source` to `destination` on `fs` (server-side on S3), but those whose path relative to
+    `source` starts with one of `skip`."""
+    for path in fs.find(source):
+        relative = path[len(source.rstrip("/")) + 1:]
+        if not relative.startswith(skip):
+            fs.copy(path, f"{destination.rstrip('/')}/{relative}")
+
+
+def step_losses(records: list[dict]) -> dict[int, list[float]]:
+    """Each trained step's logged losses, in the order logged (a step trained again after a restart has several)."""
+    losses: dict[int, list[float]] = {}
+    for record in logged_steps(records):
+        losses.setdefault(record["step"], []).append(record["loss"])
+    return losses

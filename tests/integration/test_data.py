@@ -1,0 +1,25 @@
+"""The two-view loader with real loading processes: the same batches as loading in the training process."""
+
+import torch
+
+from service.data.datasets import Digits
+from service.data.loader import LoaderSettings, two_view_loader
+from service.method.transforms import two_view_pipelines
+from tests.support.image_data import CROP_AND_FLIP
+
+
+def test_loader_processes_do_not_change_the_batches():
+    """Two processes, so that consecutive batches come from different processes and must be put back in order."""
+    images = Digits(8)
+    pipelines = two_view_pipelines(CROP_AND_FLIP, 8)
+    batches = {}
+    for workers in (0, 2):
+        settings = LoaderSettings(workers=workers, prefetch=2 if workers else None, pin_memory=False)
+        loader, sampler = two_view_loader(images, pipelines, global_batch=32, rank=1, world_size=2, seed=0,
+                                          settings=settings)
+        sampler.set_epoch(1)
+        batches[workers] = list(loader)
+    assert len(batches[0]) == len(batches[2]) == len(images) // 32
+    for (a1, a2, _), (b1, b2, _) in zip(batches[0], batches[2]):
+        assert torch.equal(a1, b1) and torch.equal(a2, b2)
+        assert a1.shape == (16, 3, 8, 8)

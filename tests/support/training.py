@@ -1,0 +1,46 @@
+"""A tiny model, its LARS optimizer and a checkpoint manager, trained a step at a time in this process: for tests
+that need real checkpoints without a training run."""
+
+from __future__ import annotations
+
+import torch
+
+from service.method.model import BarlowTwins
+from service.method.optim import build_lars
+from service.runtime.distributed import Worker
+from service.spec import CheckpointSpec, ModelSpec, StorageSpec, TrainSpec
+from service.storage.checkpoint import CheckpointManager
+
+MODEL = ModelSpec(backbone="resnet18", stem="cifar", projector="32-16")
+WORKER = Worker(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+class Training:
+    """A tiny model, its LARS optimizer and a manager, trained a step at a time."""
+
+    def __init__(self, run_url, storage=StorageSpec(), model=MODEL, seed=0, **checkpoint):
+        torch.manual_seed(seed)
+        self.model = BarlowTwins(model)
+        self.optimizer = build_lars(self.model, weight_decay=1e-6, momentum=0.9, eta=0.001)
+        for group in self.optimizer.param_groups:
+            group["lr"] = 0.1
+        self.scaler = torch.amp.GradScaler("cpu", enabled=False)
+        spec = TrainSpec.model_validate({"data": {"dataset": "digits"}, "model": model.model_dump(),
+                                         "run": {"output": run_url}})
+        self.manager = CheckpointManager(
+            run_url=run_url, spec=CheckpointSpec(**checkpoint), storage=storage, worker=WORKER, model=self.model,
+            optimizer=self.optimizer, scaler=self.scaler, steps_per_epoch=4,
+            resolved_spec=spec.model_dump(mode="json"),
+        )
+
+    def step(self, seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        z1, z2 = self.model(torch.randn(4, 3, 8, 8, generator=generator), torch.randn(4, 3, 8, 8, generator=generator))
+        self.optimizer.zero_grad()
+        (z1 - z2).square().mean().backward()
+        self.optimizer.step()
+
+    def state(self) -> dict:
+        momentum = {f"mu.{i}": self.optimizer.state[p]["mu"] for i, p in enumerate(self.model.parameters())
+                    if p in self.optimizer.state}
+        return {**self.model.state_dict(), **momentum}
