@@ -17,7 +17,8 @@ from tests.support.s3_server import TEST_CREDENTIALS, S3Server
 
 _TESTS = Path(__file__).resolve().parent
 _bucket_numbers = itertools.count()
-_FOLDER_MARKERS = {"distributed": "torchrun", "container": "container"}
+# a folder's tests all need what its markers say; `slow` marks every test that starts a Python process (with torch)
+_FOLDER_MARKERS = {"e2e": ("slow",), "distributed": ("slow", "torchrun"), "container": ("slow", "container")}
 # the order the folders run in: the quick ones first, so that a broken module fails in seconds; the container tests
 # last, so that the image builds in the background meanwhile
 _FOLDER_ORDER = ["unit", "integration", "e2e", "distributed", "container"]
@@ -31,8 +32,8 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if {"s3_server", "s3_bucket"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.s3)
-        if _folder(item) in _FOLDER_MARKERS:
-            item.add_marker(_FOLDER_MARKERS[_folder(item)])
+        for marker in _FOLDER_MARKERS.get(_folder(item), ()):
+            item.add_marker(marker)
     rank = {folder: index for index, folder in enumerate(_FOLDER_ORDER)}
     items.sort(key=lambda item: rank.get(_folder(item), len(rank)))
 

@@ -13,7 +13,6 @@ import json
 import time
 import uuid
 
-import pytest
 import torch
 
 from service.method.model import build_backbone
@@ -25,7 +24,6 @@ from tests.support.container_engine import IMAGE, engine
 from tests.support.runs import TINY, TINY_STEPS_PER_EPOCH, resumed_step
 from tests.support.s3_server import TEST_CREDENTIALS
 
-pytestmark = [pytest.mark.slow, pytest.mark.container]
 # The tiny recipe over 3 epochs: 48 steps of 64 digits, a checkpoint every 4 steps, SIGTERM after the first.
 TOTAL_STEPS = 3 * TINY_STEPS_PER_EPOCH
 SETTINGS = [*TINY, "optim.epochs=3"]

@@ -33,7 +33,6 @@ from tests.support.runs import TINY, TINY_STEPS_PER_EPOCH, resumed_step
 from tests.support.s3_server import TEST_CREDENTIALS, S3Server
 from tests.support.volcano_pods import podman_secret_name, pods
 
-pytestmark = [pytest.mark.slow, pytest.mark.container]
 ROOT = Path(__file__).resolve().parents[2]
 TORCHX = str(Path(sys.executable).parent / "torchx")
 SECRET = "barlow-s3-credentials"

@@ -24,7 +24,6 @@ import pytest
 from tests.support.container_engine import ENGINE, IMAGE, ROOT, engine
 from tests.support.s3_server import free_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.container]
 TORCHX = str(Path(sys.executable).parent / "torchx")
 WORKSPACE_FILES = ["service", "components", "specs", "pyproject.toml", "README.md", "constraints.txt",
                    ".dockerignore", ".torchxconfig"]

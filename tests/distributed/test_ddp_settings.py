@@ -5,7 +5,6 @@ import pytest
 
 from tests.support.runs import TINY, TINY_STEPS_PER_EPOCH, logged_steps, run_barlow, stats_records, train_args
 
-pytestmark = pytest.mark.slow
 # no checkpoints: the losses are what is compared
 RECIPE = [*TINY, "checkpoint.every_steps=null", "checkpoint.every_epochs=null"]
 

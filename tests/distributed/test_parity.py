@@ -8,7 +8,6 @@ import pytest
 import torch
 
 WORKER = Path(__file__).with_name("parity_worker.py")
-pytestmark = pytest.mark.slow
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str, rel: float = 1e-5,

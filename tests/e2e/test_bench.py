@@ -23,7 +23,6 @@ def run(script: str, *args: str, env: dict[str, str] | None = None,
     return result
 
 
-@pytest.mark.slow
 def test_checkpoint_benchmark_reports_every_ratio():
     result = run("checkpoint.py", "--small")
     rows = {line[:28].strip(): line[28:].split() for line in result.stdout.splitlines()[2:5]}
@@ -33,7 +32,6 @@ def test_checkpoint_benchmark_reports_every_ratio():
     assert float(rows["training stall of a save"][0]) <= float(rows["save, until committed"][0])
 
 
-@pytest.mark.slow
 def test_communication_benchmark_reports_both_plans():
     result = run("communication.py", "--dim", "256", "--batch", "32", "--procs", "2", "--steps", "1")
     rows = [line.split() for line in result.stdout.splitlines()[2:]]
@@ -50,7 +48,6 @@ def table(stdout: str, header: str) -> dict[str, list[str]]:
     return {line[:46].strip(): line[46:].split() for line in lines[start:] if line.strip()}
 
 
-@pytest.mark.slow
 def test_augmentation_benchmark_compares_with_lightly():
     result = run("augmentation.py", "--images", "2", "--rounds", "1")
     rows = table(result.stdout, "pipeline")
@@ -59,7 +56,6 @@ def test_augmentation_benchmark_compares_with_lightly():
     assert float(lightly_row[1]) == 1.0 and all(float(row[0]) > 0 for row in rows.values())
 
 
-@pytest.mark.slow
 def test_training_step_benchmark_compares_with_lightly():
     result = run("training_step.py", "--batch", "4", "--size", "8", "--steps", "1", "--threads", "1")
     lines = result.stdout.splitlines()[2:]
@@ -67,7 +63,6 @@ def test_training_step_benchmark_compares_with_lightly():
     assert float(lines[1].split()[-1]) == 1.0 and float(lines[0].split()[-2]) > 0 and float(lines[2].split()[-2]) > 0
 
 
-@pytest.mark.slow
 def test_gpu_benchmark_script_runs_every_configuration_on_the_cpu():
     result = run("gpu.sh", "--device", "cpu", "--small", "--steps", "1", "--warmup", "0", "--workers", "1",
                  env={"BATCH": "4", "TORCHDYNAMO_DISABLE": "1", "PYTHON": sys.executable}, timeout=900)
@@ -78,7 +73,6 @@ def test_gpu_benchmark_script_runs_every_configuration_on_the_cpu():
     assert rows["fp32"][1] == "1.00"
 
 
-@pytest.mark.slow
 def test_data_loading_benchmark_compares_with_webdataset():
     result = run("data_loading.py", "--images", "32", "--batch", "8", "--workers", "1",
                  "--shard-mb", "1", "--latency-ms", "1", "2")
@@ -96,7 +90,6 @@ def test_data_loading_benchmark_compares_with_webdataset():
     assert len(found) == 3 and all(float(ratio) > 0 for ratio in found), ratios
 
 
-@pytest.mark.slow
 def test_logging_cost_benchmark_reports_every_row():
     result = run("logging_cost.py", "--batch", "4", "--size", "8", "--steps", "1", "--threads", "1")
     rows = table(result.stdout, "step")

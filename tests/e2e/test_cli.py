@@ -29,7 +29,6 @@ def test_missing_spec_file_is_a_clear_error():
     assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.slow
 def test_digits_pretraining_under_torchrun_logs_every_step_and_exports(tiny_run, aws_env, tmp_path):
     """The shared tiny run: 2 torchrun workers, one epoch of 16 steps, on S3. That the loss falls is shown by the
     2-epoch run of test_trust's resume test (one epoch of warm-up is too short to tell a trend from the batches)."""

@@ -21,7 +21,7 @@ from tests.support.runs import DIGITS, overrides, run_barlow, stats_records
 from tests.support.s3_server import TEST_CREDENTIALS
 
 # the first test's setup trains the whole demo: 6 min alone on 2 cores, 14 min seen beside other tests on them
-pytestmark = [pytest.mark.slow, pytest.mark.torchrun, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.torchrun, pytest.mark.timeout(1800)]
 
 
 def barlow(*args: str, torchrun: int | None = None, threads: int = 1, timeout: float = 600) -> str:

@@ -12,7 +12,6 @@ import pytest
 
 from tests.support.runs import LOCAL, ROOT, environment, logged_steps, run_barlow, stats_records, train_args
 
-pytestmark = pytest.mark.slow
 WARNINGS_SHOWN = {"PYTHONWARNINGS": ""}  # as outside the tests: a warning would be a line that is no JSON
 
 

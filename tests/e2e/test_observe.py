@@ -15,8 +15,6 @@ from PIL import Image
 from service.storage.filesystem import filesystem
 from tests.support.runs import events, logged_steps
 
-pytestmark = pytest.mark.slow
-
 
 def test_a_tiny_run_logs_every_field_consistent_with_its_times(tiny_run, aws_env):
     records = tiny_run.records()

@@ -48,7 +48,6 @@ def test_barlow_status_of_a_run_folder(tmp_path):
     assert lines["last"].startswith("2023-11-15 01:04:40Z (")  # WALL_2 + 280 s: 1,700,000,000 is 22:13:20 UTC
 
 
-@pytest.mark.slow
 def test_barlow_status_of_a_finished_real_run(tiny_run, aws_env):
     records = tiny_run.records()
     last_logged = logged_steps(records)[-1]
@@ -76,7 +75,6 @@ def copy_of_the_tiny_run(tiny_run, url: str, *skip: str) -> None:
     copy_tree(fs, source, filesystem(url, tiny_run.storage)[1], skip=("resnet18.pth", "tensorboard", *skip))
 
 
-@pytest.mark.slow
 def test_runs_ls_on_s3_a_finished_and_a_running_run(tiny_run, s3_server, s3_bucket):
     """runs/b-finished is the shared tiny run; runs/a-running is the same run cut after its step 13 line, with its
     step 12 checkpoint and a lease.json whose heartbeat is fresh. Its last line is older: it comes second, not by
@@ -137,7 +135,6 @@ def test_a_missing_run_or_bucket_is_one_line_and_exit_2(s3_server, s3_bucket, tm
         assert err.count("\n") == 1 and err.startswith("barlow: ") and cause in err, (arguments, err)
 
 
-@pytest.mark.slow
 def test_status_of_a_kubernetes_job_reads_its_run_on_s3(tiny_run, s3_server, s3_bucket, monkeypatch, capsys):
     """The job's own storage settings (its endpoint) reach the run; nothing is given on the command line."""
     copy_of_the_tiny_run(tiny_run, f"{s3_bucket}/runs/k8s")

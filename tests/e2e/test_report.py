@@ -69,7 +69,6 @@ def report(run: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
     return run_barlow("report", run, "-o", str(out), *extra, env=S3_ENV, timeout=300)
 
 
-@pytest.mark.slow
 @pytest.mark.browser
 def test_the_report_of_a_resumed_two_worker_run_renders_every_figure_with_the_runs_numbers(resumed_run, aws_env,
                                                                                             tmp_path):

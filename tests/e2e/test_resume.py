@@ -26,7 +26,6 @@ from service.storage.checkpoint import list_checkpoints
 from service.storage.export import read_weights
 from tests.support.runs import BIN, DIGITS, ROOT, SHARED, environment, resumed_step, stats_records, step_losses
 
-pytestmark = pytest.mark.slow
 ON_PATH = {"PATH": f"{BIN}:{os.environ['PATH']}"}  # torchx's local_cwd scheduler starts `torchrun` from the PATH
 
 

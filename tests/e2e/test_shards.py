@@ -124,7 +124,6 @@ def stats(output: Path) -> list[dict]:
     return [json.loads(line) for line in (output / "stats.txt").read_text().splitlines() if line.startswith("{")]
 
 
-@pytest.mark.slow
 def test_a_run_that_skips_a_corrupt_image_completes_and_counts_it(damaged_spec, tmp_path):
     """Two epochs: the corrupt image, drawn in both, counts once."""
     spec, bad = damaged_spec
@@ -136,7 +135,6 @@ def test_a_run_that_skips_a_corrupt_image_completes_and_counts_it(damaged_spec, 
     assert len(counts) == 8 and counts[-1] == 1 and counts == sorted(counts)  # one distinct sample, over both epochs
 
 
-@pytest.mark.slow
 def test_fail_names_the_file_and_a_rerun_fails_the_same_way(damaged_spec, tmp_path):
     """The error is met in a loading process (data.workers=1) and must arrive whole; in the training process the
     same error is raised the same way (tests/unit/test_shards.py)."""
@@ -148,7 +146,6 @@ def test_fail_names_the_file_and_a_rerun_fails_the_same_way(damaged_spec, tmp_pa
         assert result.stderr.strip().splitlines()[-1].startswith("barlow: cannot decode image "), result.stderr
 
 
-@pytest.mark.slow
 def test_training_from_shards_on_s3_equals_training_from_the_folder(folder, packed_s3, tmp_path):
     """Loading processes (data.workers=1) read the shards from S3 over two epochs, with the kNN monitor after each."""
     url, storage = packed_s3

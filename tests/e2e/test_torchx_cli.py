@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 import subprocess
 
-import pytest
-
 from service.spec import StorageSpec
 from service.storage.filesystem import filesystem
 from tests.support.commands import (
@@ -78,7 +76,6 @@ def test_barlow_submit_without_a_cluster_says_so_in_one_line():
     assert "KUBECONFIG" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
-@pytest.mark.slow
 def test_the_pods_run_the_shipped_spec_byte_for_byte(s3_bucket, s3_server, tmp_path):
     """The rendered container command, run in an empty folder after the user's spec file is gone: it trains on
     exactly the spec validated at submission, and records it unchanged in run.output/spec.yaml. It trains a run of

@@ -26,7 +26,6 @@ from tests.support.runs import (
     step_losses,
 )
 
-pytestmark = pytest.mark.slow
 ON_PATH = {"PATH": f"{BIN}:{os.environ['PATH']}"}  # torchx's local_cwd scheduler starts `torchrun` from the PATH
 
 

@@ -4,8 +4,6 @@ import pytest
 
 from tests.support.runs import LOCAL, logged_steps, run_barlow, stats_records, train_args
 
-pytestmark = pytest.mark.slow
-
 
 def test_compiled_training_follows_eager_training(local_run, tmp_path):
     """Inductor's kernels (C++ on the CPU, Triton on GPUs) train as the eager model does, up to the rounding of fused

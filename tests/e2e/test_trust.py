@@ -40,7 +40,6 @@ from tests.support.runs import (
 )
 from tests.support.s3_server import S3Server
 
-pytestmark = pytest.mark.slow
 THREADS = 2  # the shared local run's: the same thread count computes the same bits
 
 
