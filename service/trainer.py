@@ -22,7 +22,7 @@ from service.method.batchnorm import convert_sync_batchnorm
 from service.method.color import DeviceColor
 from service.method.loss import barlow_twins_terms
 from service.method.model import BarlowTwins
-from service.method.optim import LearningRateSchedule, build_lars
+from service.method.optim import LearningRateSchedule, lars_for
 from service.method.transforms import geometric_pipeline, two_view_pipelines
 from service.observe.logs import set_step
 from service.observe.stats import TrainingStats
@@ -168,7 +168,7 @@ def _train(spec: TrainSpec, command: str, worker: distributed.Worker, force: boo
     assert isinstance(model, BarlowTwins)  # place_model converts its BatchNorm layers in place
     if spec.run.compile:  # the DDP module compiled whole: Dynamo splits its graph at the gradient buckets
         trained = torch.compile(trained)  # type: ignore[assignment]  # a Module's is a Module; torch types a callable
-    optimizer = build_lars(model, spec.optim.weight_decay, spec.optim.momentum, spec.optim.eta)
+    optimizer = lars_for(model, spec.optim)
     schedule = LearningRateSchedule(
         steps_per_epoch=steps_per_epoch, epochs=spec.optim.epochs, warmup_epochs=spec.optim.warmup_epochs,
         batch_size=spec.optim.batch_size, lr_weights=spec.optim.lr_weights, lr_biases=spec.optim.lr_biases,

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from service.method import multi_tensor
+
+if TYPE_CHECKING:
+    from service.spec import OptimSpec
 
 
 class LARS(torch.optim.Optimizer):
@@ -145,6 +149,11 @@ def build_lars(model: nn.Module, weight_decay: float, momentum: float, eta: floa
         weight_decay_filter=True,
         lars_adaptation_filter=True,
     )
+
+
+def lars_for(model: nn.Module, optim: OptimSpec) -> LARS:
+    """The spec's LARS for `model`: what the trainer optimises with."""
+    return build_lars(model, optim.weight_decay, optim.momentum, optim.eta)
 
 
 def learning_rate_factor(step: int, *, total_steps: int, warmup_steps: int, batch_size: int) -> float:

@@ -1,6 +1,7 @@
 """Evaluation's parts: the probes against hand computations, subsets, the spec's defaults per mode, the frozen
 backbone's check. Short real runs of the reference's protocols: tests/integration/test_evaluate.py."""
 
+import inspect
 import math
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from service.data.datasets import ImageFolder
 from service.data.errors import DataError
 from service.data.subsets import balanced_indices, indices_from_list, read_subset_list
 from service.evaluation.evaluate import BackboneChanged, _check_unchanged, backbone_state
-from service.evaluation.probes import knn_scores, linear_accuracy, topk_correct
+from service.evaluation.probes import knn_accuracy, knn_scores, linear_accuracy, topk_correct
 from service.method.model import build_backbone
 from service.runtime.distributed import shard
 from service.spec import EvaluateSpec, SpecError, StorageSpec, load_spec
@@ -108,3 +109,10 @@ def test_a_changed_frozen_backbone_is_caught():
     network.layer1[0].bn1.running_mean[0] += 1e-6
     with pytest.raises(BackboneChanged, match="layer1.0.bn1.running_mean"):
         _check_unchanged(reference, network)
+
+
+def test_the_probes_default_to_the_benchmarks_weighted_knn():
+    """`barlow compare` and the few-shot probe call them with their defaults: k=200, T=0.1."""
+    for probe in (knn_scores, knn_accuracy):
+        parameters = inspect.signature(probe).parameters
+        assert (parameters["k"].default, parameters["temperature"].default) == (200, 0.1), probe.__name__

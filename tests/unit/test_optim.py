@@ -17,7 +17,15 @@ import pytest
 import torch
 from torch import nn
 
-from service.method.optim import LARS, LearningRateSchedule, build_lars, learning_rate_factor, parameter_groups
+from service.method.optim import (
+    LARS,
+    LearningRateSchedule,
+    build_lars,
+    lars_for,
+    learning_rate_factor,
+    parameter_groups,
+)
+from service.spec import load_spec
 
 WD = 0.1  # large, so that a weight decay applied to the wrong group shows
 ETA = 0.02
@@ -150,6 +158,15 @@ def test_lars_defaults():
     assert group["momentum"] == 0.9
     assert group["eta"] == 0.001
     assert group["weight_decay"] == 0
+
+
+def test_the_trainers_lars_takes_every_hyperparameter_from_the_spec():
+    """Values unlike the defaults, so that a setting the trainer drops or swaps shows."""
+    settings = ["data.dataset=digits", "optim.weight_decay=3e-5", "optim.momentum=0.7", "optim.eta=0.02"]
+    optim = load_spec(None, settings).optim
+    optimizer = lars_for(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)), optim)
+    assert [(group["weight_decay"], group["momentum"], group["eta"]) for group in optimizer.param_groups] == [
+        (3e-5, 0.7, 0.02)] * 2
 
 
 def test_build_lars_sets_reference_hyperparameters():

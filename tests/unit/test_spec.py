@@ -8,7 +8,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.spec import EvaluateSpec, SpecError, TrainSpec, apply_overrides, json_schema, load_spec, spec_to_yaml
+from service.spec import (
+    EvaluateSpec,
+    SpecError,
+    TrainSpec,
+    apply_overrides,
+    json_schema,
+    load_spec,
+    read_spec_text,
+    spec_digest,
+    spec_to_yaml,
+)
 
 SPECS = Path(__file__).resolve().parents[2] / "specs"
 SPEC_FILES = sorted(SPECS.glob("*.yaml")) + sorted(SPECS.glob("*.yml"))
@@ -108,6 +118,7 @@ def test_defaults_are_the_reference_recipe():
     assert spec.augment.solarize == (0.0, 0.2)
     assert spec.augment.mean == (0.485, 0.456, 0.406)
     assert spec.augment.std == (0.229, 0.224, 0.225)
+    assert spec.monitor.knn_k == 200 and spec.monitor.knn_temperature == 0.1  # the SSL benchmarks' weighted kNN
 
 
 def test_data_path_required_for_imagefolder():
@@ -262,3 +273,14 @@ def test_invalid_values_raise_spec_error(override):
         load_spec(None, DIGITS + [override])
     key = override.split("=")[0]
     assert key.split(".")[0] in str(caught.value)
+
+
+def test_a_shipped_spec_is_read_only_while_it_matches_its_digest(monkeypatch):
+    """The pods read the spec the job carries (env:BARLOW_SPEC) only if it is what was validated at submission."""
+    text = spec_to_yaml(load_spec(SPECS / "digits.yaml"))
+    monkeypatch.setenv("BARLOW_SPEC", text)
+    monkeypatch.setenv("BARLOW_SPEC_SHA256", spec_digest(text))
+    assert read_spec_text("env:BARLOW_SPEC") == text
+    monkeypatch.setenv("BARLOW_SPEC", text.replace("epochs: 30", "epochs: 300"))
+    with pytest.raises(SpecError, match="does not match BARLOW_SPEC_SHA256"):
+        read_spec_text("env:BARLOW_SPEC")
