@@ -9,6 +9,7 @@ is the same computation at any world size.
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -269,7 +270,13 @@ class LoaderSettings:
         """DataLoader's arguments. Persistent processes keep their copy of the data set: only for data sets whose
         state does not change between epochs."""
         return dict(num_workers=self.workers, prefetch_factor=self.prefetch, pin_memory=self.pin_memory,
-                    persistent_workers=persistent and self.workers > 0)
+                    persistent_workers=persistent and self.workers > 0, worker_init_fn=leave_sigterm_to_the_trainer)
+
+
+def leave_sigterm_to_the_trainer(worker_id: int) -> None:
+    """A pre-emption's SIGTERM can reach every process of a container or pod: a loader process ignores it, so that
+    the training process checkpoints and then stops it (one killed by the signal would end the run before its save)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def two_view_loader(

@@ -23,3 +23,22 @@ def test_loader_processes_do_not_change_the_batches():
     for (a1, a2, _), (b1, b2, _) in zip(batches[0], batches[2]):
         assert torch.equal(a1, b1) and torch.equal(a2, b2)
         assert a1.shape == (16, 3, 8, 8)
+
+
+def test_a_loader_process_leaves_sigterm_to_the_training_process():
+    """SIGTERM sent to a whole container reaches the loader processes too: they ignore it, and the training process
+    (which checkpoints on it) stops them itself."""
+    import os
+    import signal
+
+    from torch.utils.data import DataLoader
+
+    from service.data.loader import LoaderSettings
+
+    settings = LoaderSettings(workers=1, prefetch=2, pin_memory=False)
+    loader = DataLoader(list(range(8)), batch_size=2, **settings.loader_options())
+    batches = iter(loader)
+    next(batches)
+    (pid,) = [worker.pid for worker in batches._workers]  # the loader process
+    os.kill(pid, signal.SIGTERM)
+    assert [batch.tolist() for batch in batches] == [[2, 3], [4, 5], [6, 7]]  # nothing died: every batch arrives
