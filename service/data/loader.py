@@ -274,9 +274,14 @@ class LoaderSettings:
 
 
 def leave_sigterm_to_the_trainer(worker_id: int) -> None:
-    """A pre-emption's SIGTERM can reach every process of a container or pod: a loader process ignores it, so that
-    the training process checkpoints and then stops it (one killed by the signal would end the run before its save)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """A pre-emption's SIGTERM can reach every process of a container or pod: a loader process lets the first one
+    pass, so that the training process checkpoints and then stops it (one killed by the signal would end the run
+    before its save). A second SIGTERM ends it: DataLoader's shutdown and multiprocessing's exit send one to a loader
+    process that did not stop when asked."""
+    def second_one_ends_it(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    signal.signal(signal.SIGTERM, second_one_ends_it)
 
 
 def two_view_loader(

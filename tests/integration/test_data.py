@@ -26,8 +26,8 @@ def test_loader_processes_do_not_change_the_batches():
 
 
 def test_a_loader_process_leaves_sigterm_to_the_training_process():
-    """SIGTERM sent to a whole container reaches the loader processes too: they ignore it, and the training process
-    (which checkpoints on it) stops them itself."""
+    """SIGTERM sent to a whole container reaches the loader processes too: they let the first pass, and the training
+    process (which checkpoints on it) stops them itself; a second one, as a shutdown sends, ends them."""
     import os
     import signal
 
@@ -39,6 +39,9 @@ def test_a_loader_process_leaves_sigterm_to_the_training_process():
     loader = DataLoader(list(range(8)), batch_size=2, **settings.loader_options())
     batches = iter(loader)
     next(batches)
-    (pid,) = [worker.pid for worker in batches._workers]  # the loader process
-    os.kill(pid, signal.SIGTERM)
+    (process,) = batches._workers  # the loader process
+    os.kill(process.pid, signal.SIGTERM)
     assert [batch.tolist() for batch in batches] == [[2, 3], [4, 5], [6, 7]]  # nothing died: every batch arrives
+    os.kill(process.pid, signal.SIGTERM)  # a second one (a shutdown's terminate) ends it
+    process.join(timeout=10)
+    assert not process.is_alive()
