@@ -9,7 +9,7 @@ is the same computation at any world size.
 from __future__ import annotations
 
 import logging
-import signal
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -270,18 +270,16 @@ class LoaderSettings:
         """DataLoader's arguments. Persistent processes keep their copy of the data set: only for data sets whose
         state does not change between epochs."""
         return dict(num_workers=self.workers, prefetch_factor=self.prefetch, pin_memory=self.pin_memory,
-                    persistent_workers=persistent and self.workers > 0, worker_init_fn=leave_sigterm_to_the_trainer)
+                    persistent_workers=persistent and self.workers > 0, worker_init_fn=leave_the_trainers_process_group)
 
 
-def leave_sigterm_to_the_trainer(worker_id: int) -> None:
-    """A pre-emption's SIGTERM can reach every process of a container or pod: a loader process lets the first one
-    pass, so that the training process checkpoints and then stops it (one killed by the signal would end the run
-    before its save). A second SIGTERM ends it: DataLoader's shutdown and multiprocessing's exit send one to a loader
-    process that did not stop when asked."""
-    def second_one_ends_it(signum: int, frame: object) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-    signal.signal(signal.SIGTERM, second_one_ends_it)
+def leave_the_trainers_process_group(worker_id: int) -> None:
+    """Signals meant for a run go to its process group: the image's tini (-g) forwards a pod's SIGTERM to the whole
+    group, and torchrun ends a worker with killpg. A loader process in that group would die with it before the
+    training process's checkpoint (a DataLoader whose process dies fails the run). In a group of its own it is
+    stopped by the training process's DataLoader when that one exits, or ends by itself within seconds (DataLoader's
+    watchdog) when that one is killed outright."""
+    os.setpgid(0, 0)
 
 
 def two_view_loader(

@@ -1,11 +1,17 @@
 """The two-view loader with real loading processes: the same batches as loading in the training process."""
 
+import os
+import signal
+import subprocess
+import sys
+
 import torch
 
 from service.data.datasets import Digits
 from service.data.loader import LoaderSettings, two_view_loader
 from service.method.transforms import two_view_pipelines
 from tests.support.image_data import CROP_AND_FLIP
+from tests.support.runs import ROOT
 
 
 def test_loader_processes_do_not_change_the_batches():
@@ -25,23 +31,35 @@ def test_loader_processes_do_not_change_the_batches():
         assert a1.shape == (16, 3, 8, 8)
 
 
-def test_a_loader_process_leaves_sigterm_to_the_training_process():
-    """SIGTERM sent to a whole container reaches the loader processes too: they let the first pass, and the training
-    process (which checkpoints on it) stops them itself; a second one, as a shutdown sends, ends them."""
-    import os
-    import signal
+LOADER_UNDER_SIGTERM = """
+import signal, sys, time
+from torch.utils.data import DataLoader
+from service.data.loader import LoaderSettings
 
-    from torch.utils.data import DataLoader
+stopping = []
+signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))  # as the trainer does: finish, checkpoint, stop
+settings = LoaderSettings(workers=2, prefetch=1, pin_memory=False)
+batches = iter(DataLoader(list(range(16)), batch_size=2, **settings.loader_options()))
+seen = [next(batches).tolist(), next(batches).tolist()]  # one from each loader process: both are set up
+print("ready", flush=True)
+while not stopping:
+    time.sleep(0.01)
+seen += [batch.tolist() for batch in batches]
+print(seen, flush=True)
+"""
 
-    from service.data.loader import LoaderSettings
 
-    settings = LoaderSettings(workers=1, prefetch=2, pin_memory=False)
-    loader = DataLoader(list(range(8)), batch_size=2, **settings.loader_options())
-    batches = iter(loader)
-    next(batches)
-    (process,) = batches._workers  # the loader process
-    os.kill(process.pid, signal.SIGTERM)
-    assert [batch.tolist() for batch in batches] == [[2, 3], [4, 5], [6, 7]]  # nothing died: every batch arrives
-    os.kill(process.pid, signal.SIGTERM)  # a second one (a shutdown's terminate) ends it
-    process.join(timeout=10)
-    assert not process.is_alive()
+def test_sigterm_to_the_process_group_leaves_the_loader_processes_to_the_training_process():
+    """tini -g forwards a pod's SIGTERM to the whole process group, torchrun ends a worker with killpg: the loader
+    processes must not die of it before the training process's checkpoint, and the process must still exit."""
+    process = subprocess.Popen([sys.executable, "-c", LOADER_UNDER_SIGTERM], cwd=ROOT, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline() == "ready\n", process.stderr.read()
+        os.killpg(process.pid, signal.SIGTERM)  # the training process and its loader processes alike
+        out, err = process.communicate(timeout=60)  # a loader process that outlived its exit would hang here
+    finally:
+        process.kill()
+    assert process.returncode == 0, err[-3000:]
+    assert out.strip() == str([[2 * i, 2 * i + 1] for i in range(8)])  # every batch arrived, in order
+
