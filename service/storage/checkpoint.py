@@ -31,7 +31,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from pydantic import ConfigDict, TypeAdapter, ValidationError, with_config
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from typing_extensions import NotRequired, TypedDict
 
 from service.runtime.distributed import Worker, new_cpu_group
 from service.spec import CheckpointSpec, StorageSpec
@@ -39,12 +41,57 @@ from service.storage import dcp_io, recipe
 from service.storage.dcp_io import CorruptCheckpoint
 from service.storage.filesystem import StorageError, check_writable, explain, filesystem, fsspec_options, retry
 from service.storage.lease import Lease, LeaseHeld, current_job_id
+from service.storage.untrusted import MiB, UntrustedObject, parse_json, read_bounded
 
 log = logging.getLogger("barlow")
 
 MANIFEST = "manifest.json"
+MANIFEST_LIMIT = 16 * MiB  # ~10 KB for one worker, ~100 B more per worker: room for 100,000 and the spec
 FORMAT_VERSION = 1
 CHECKPOINT_NAME = re.compile(r"step-([0-9]{9})")
+
+
+class _StoredObject(TypedDict):
+    name: str
+    size: int
+    crc32: int
+
+
+@with_config(ConfigDict(extra="allow", strict=True))
+class _Manifest(TypedDict):
+    """The fields of manifest.json this project reads, with their types (strict: "8" is not 8); others are kept."""
+
+    format: int
+    step: int
+    epoch: int
+    batch_in_epoch: int
+    steps_per_epoch: int
+    world_size: int
+    scaler: dict[str, int | float]
+    spec: dict[str, dict[str, Any]]
+    objects: list[_StoredObject]
+    run_id: NotRequired[str | None]  # absent from checkpoints older than run ids
+    parent: NotRequired[dict[str, Any] | None]
+    changes: NotRequired[list[dict[str, Any]]]
+    created: NotRequired[str]
+
+
+_MANIFEST = TypeAdapter(_Manifest)
+
+
+def read_manifest(fs, path: str) -> dict:
+    """A checkpoint's manifest.json, read with a size limit and checked in type and in its object names;
+    UntrustedObject naming the file and what is wrong otherwise."""
+    manifest = parse_json(read_bounded(fs, path, MANIFEST_LIMIT, "checkpoint manifest"), path)
+    try:
+        checked: dict[str, Any] = dict(_MANIFEST.validate_python(manifest))
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise UntrustedObject(f"{path}: {where}: {first['msg']}") from None
+    for entry in checked["objects"]:
+        dcp_io.checked_name_of(entry["name"], path)
+    return checked
 
 
 class CheckpointError(RuntimeError):
@@ -110,28 +157,30 @@ def inspect_checkpoint(url: str, storage: StorageSpec) -> CheckpointInfo:
     if MANIFEST not in stored:
         return CheckpointInfo(url, step, None, "no manifest: an incomplete save")
     try:
-        manifest = json.loads(fs.cat_file(f"{path.rstrip('/')}/{MANIFEST}"))
-        objects = {obj["name"]: (int(obj["size"]), int(obj["crc32"])) for obj in manifest["objects"]}
-        recorded_step = int(manifest["step"])
-    except (ValueError, KeyError, TypeError) as error:
-        return CheckpointInfo(url, step, None, f"unreadable manifest ({type(error).__name__}: {error})")
-    if recorded_step != step:
-        return CheckpointInfo(url, step, manifest, f"its manifest is for step {recorded_step}")
-    for name, (size, _) in objects.items():
+        manifest = read_manifest(fs, f"{path.rstrip('/')}/{MANIFEST}")
+    except (UntrustedObject, CorruptCheckpoint) as error:
+        return CheckpointInfo(url, step, None, f"unreadable manifest ({error})")
+    if manifest["step"] != step:
+        return CheckpointInfo(url, step, manifest, f"its manifest is for step {manifest['step']}")
+    for name, size in ((obj["name"], obj["size"]) for obj in manifest["objects"]):
         if stored.get(name) != size:
             return CheckpointInfo(url, step, manifest, f"object {name} is missing or has the wrong size")
     return CheckpointInfo(url, step, manifest)
 
 
 def verify_checkpoint(url: str, storage: StorageSpec) -> CheckpointInfo:
-    """`inspect_checkpoint`, then every object read and compared with its manifest's size and CRC32."""
+    """`inspect_checkpoint`, then every object read and compared with its manifest's size and CRC32, and the
+    metadata read with the restricted unpickler a load uses."""
     checkpoint = inspect_checkpoint(url, storage)
     if not checkpoint.valid:
         return checkpoint
     fs, path = filesystem(url, storage)
     for name, listed in checkpoint.objects.items():
         try:
-            dcp_io.check_object(fs, f"{path.rstrip('/')}/{name}", listed)
+            if name.endswith(".metadata"):  # read as a load reads it: a foreign pickle shows here, unrun
+                dcp_io.read_metadata(dcp_io.read_verified(fs, f"{path.rstrip('/')}/{name}", checkpoint.objects), name)
+            else:
+                dcp_io.check_object(fs, f"{path.rstrip('/')}/{name}", listed)
         except CorruptCheckpoint as error:
             return replace(checkpoint, problem=str(error))
     return checkpoint
@@ -440,14 +489,18 @@ class CheckpointManager:
         """Read the checkpoint into host copies of the state, checking every object; only a checkpoint read whole
         and verified is put into the model and the optimizer."""
         assert checkpoint.manifest is not None  # only valid checkpoints are loaded
+        scaler_state = checkpoint.manifest["scaler"]
+        if self.scaler.is_enabled() and scaler_state and set(scaler_state) != set(self.scaler.state_dict()):
+            raise CorruptCheckpoint(f"its manifest's scaler state has the fields {sorted(scaler_state)}, not a "
+                                    f"GradScaler's {sorted(self.scaler.state_dict())}")
         model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
         staged = {"model": _copy_to_host(model_state), "optimizer": _copy_to_host(optimizer_state)}
         dcp_io.load(staged, checkpoint.url, checkpoint.objects, fsspec_options(checkpoint.url, self.storage),
                     self.group)
         set_state_dict(self.model, self.optimizer, model_state_dict=staged["model"],
                        optim_state_dict=staged["optimizer"])
-        if self.scaler.is_enabled() and checkpoint.manifest["scaler"]:
-            self.scaler.load_state_dict(checkpoint.manifest["scaler"])
+        if self.scaler.is_enabled() and scaler_state:
+            self.scaler.load_state_dict(scaler_state)
 
     def _resumed_from(self, checkpoint: CheckpointInfo) -> int:
         manifest = checkpoint.manifest

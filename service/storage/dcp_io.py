@@ -4,6 +4,12 @@
 The writer here also records the size and CRC32 of every object it writes, as the bytes go out, so the
 checkpoint's manifest can list them without reading the checkpoint back; the reader checks every object it opens
 against them as the bytes come in, before DCP unpickles or deserialises any of it.
+
+A checkpoint carries data, never code. A CRC32 catches damage, not a writer (who writes the objects writes the
+manifest too), so what DCP would unpickle freely is read here under restrictions: `.metadata` (and a rank's
+`__N.metadata`) with an unpickler that builds only the classes DCP's metadata is made of (`METADATA_GLOBALS`), and
+every non-tensor item with `torch.load(weights_only=True)`, as DCP already reads tensors. Anything else is
+refused, before any of it runs, as a corrupt checkpoint.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import pickle
 import threading
 import warnings
 import zlib
@@ -19,10 +26,19 @@ from contextlib import contextmanager
 from typing import Any
 
 import fsspec
+import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import state_dict_loader
 from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecReader, FsspecWriter
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
 
+from service.storage.untrusted import UntrustedObject, checked_name
+
+# ~50 KB for a ResNet-50 and its optimizer on one worker; a model of 10,000 tensors on 1,000 workers needs ~10 MB
+METADATA_LIMIT = 256 << 20
 CheckpointException = dcp.api.CheckpointException  # a BaseException: `except Exception` does not catch it
 
 
@@ -89,12 +105,88 @@ class CorruptCheckpoint(RuntimeError):
     """An object of a checkpoint does not match its manifest; the message names the object and the difference."""
 
 
+class ForeignObject(CorruptCheckpoint):
+    """A checkpoint's object holds what this project never writes there: a pickle of another class (code, once
+    unpickled), or a path where a name belongs. Refused before any of it is built."""
+
+
+# Every global a DCP `.metadata` of this project's checkpoints refers to (torch 2.14), besides torch's dtypes:
+# tests/unit/test_dcp_io.py lists what real checkpoints of every kind need, so a torch that adds one fails there.
+METADATA_GLOBALS = frozenset({
+    ("torch.distributed.checkpoint.metadata", "Metadata"),
+    ("torch.distributed.checkpoint.metadata", "StorageMeta"),
+    ("torch.distributed.checkpoint.metadata", "MetadataIndex"),
+    ("torch.distributed.checkpoint.metadata", "TensorStorageMetadata"),
+    ("torch.distributed.checkpoint.metadata", "BytesStorageMetadata"),
+    ("torch.distributed.checkpoint.metadata", "ChunkStorageMetadata"),
+    ("torch.distributed.checkpoint.metadata", "TensorProperties"),
+    ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"),  # an Enum: built from its value
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),  # which object and byte range holds an item
+    ("torch", "Size"),  # a tuple subclass
+    ("torch.serialization", "_get_layout"),  # a lookup of torch.strided and its kind by name
+})
+_DTYPES = frozenset(name for name, value in vars(torch).items() if isinstance(value, torch.dtype))
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, data: bytes, name: str):
+        super().__init__(io.BytesIO(data))
+        self.name = name
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) in METADATA_GLOBALS or (module == "torch" and name in _DTYPES):
+            return super().find_class(module, name)
+        raise ForeignObject(f"{self.name} would load {module}.{name}, which DCP's metadata never holds (code, once "
+                            "unpickled): refused before any of it ran")
+
+    def persistent_load(self, pid: object) -> object:
+        raise ForeignObject(f"{self.name} refers to a persistent object, which DCP's metadata never holds: refused")
+
+
+def read_metadata(data: bytes, name: str = ".metadata") -> Metadata:
+    """DCP's metadata from the bytes of `.metadata`, built only from METADATA_GLOBALS; ForeignObject otherwise.
+    The object names it refers to must be plain names inside the checkpoint."""
+    try:
+        metadata = _MetadataUnpickler(data, name).load()
+    except ForeignObject:
+        raise
+    except Exception as error:  # noqa: BLE001 - a truncated or malformed pickle, whatever pickle makes of it
+        raise CorruptCheckpoint(f"{name} is not DCP metadata ({type(error).__name__}: {error})") from None
+    if not isinstance(metadata, Metadata):
+        raise ForeignObject(f"{name} holds a {type(metadata).__name__}, not DCP metadata")
+    for info in (metadata.storage_data or {}).values():
+        checked_name_of(getattr(info, "relative_path", None), name)
+    return metadata
+
+
+def checked_name_of(name: object, where: str) -> str:
+    """An object name read from a checkpoint (its manifest or its metadata): one plain name, never a path."""
+    try:
+        return checked_name(name, where)
+    except UntrustedObject as error:
+        raise ForeignObject(str(error)) from None
+
+
+def load_item(data: io.BytesIO, fqn: str) -> object:
+    """A non-tensor item of the state (an optimizer's hyperparameters): primitives, containers and tensors only."""
+    try:
+        return torch.load(data, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # weights_only's message names what it refused amid its advice
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or ["not data"]
+        reason = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0])
+        raise ForeignObject(f"item {fqn}: {reason.rstrip('.')}; a checkpoint's items are data: refused before any "
+                            "of it ran") from None
+
+
 def read_verified(fs: fsspec.AbstractFileSystem, path: str, expected: dict[str, dict[str, int]]) -> bytes:
     """The whole object at `path` (one GET), checked against its manifest entry: size and CRC32."""
     name = os.path.basename(path.rstrip("/"))
     listed = expected.get(name)
     if listed is None:
         raise CorruptCheckpoint(f"object {name} is not listed in the manifest")
+    if name.endswith(".metadata") and listed["size"] > METADATA_LIMIT:
+        raise CorruptCheckpoint(f"object {name}: the manifest says {listed['size']:,} bytes, more than DCP metadata "
+                                f"holds (at most {METADATA_LIMIT:,}): not read")
     data = fs.cat_file(path)
     _compare(name, len(data), zlib.crc32(data), listed)
     return data
@@ -140,13 +232,40 @@ class _VerifyingFileSystem(FileSystem):
 
 
 class VerifyingReader(FsspecReader):
-    """A DCP reader from any fsspec URL that loads nothing it has not checked against the manifest's objects."""
+    """A DCP reader from any fsspec URL that loads nothing it has not checked against the manifest's objects, and
+    builds the metadata with the restricted unpickler."""
 
     fs: _VerifyingFileSystem  # type: ignore[assignment]  # torch types `fs` as its base's (not fsspec's) FileSystem
 
     def __init__(self, url: str, expected: dict[str, dict[str, int]], **fsspec_options: Any):
         super().__init__(url, **fsspec_options)
         self.fs = _VerifyingFileSystem(self.fs.fs, expected)
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))  # as FileSystemReader.read_metadata, unpickled safely
+        with self.fs.create_stream(path, "rb") as stream:
+            data = stream.read()
+        try:
+            metadata = read_metadata(data, os.path.basename(os.fspath(path)))
+        except CorruptCheckpoint as error:
+            self.fs.corruption = self.fs.corruption or error
+            raise
+        storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()  # absent from older metadata
+        storage_meta.load_id = self.load_id
+        metadata.storage_meta = storage_meta
+        return metadata
+
+
+class _ItemsAsDataPlanner(DefaultLoadPlanner):
+    """DefaultLoadPlanner, whose non-tensor items DCP would read with torch.load(weights_only=False)."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
+        item = load_item(value, fqn)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], item)
+        else:
+            self.state_dict[fqn] = item
 
 
 def save(state: dict, url: str, fsspec_options: dict, process_group=None) -> dict[str, dict[str, int]]:
@@ -170,7 +289,7 @@ def load(state: dict, url: str, expected: dict[str, dict[str, int]], fsspec_opti
     try:
         with warnings.catch_warnings(), _quiet_dcp():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.load(state, storage_reader=reader, process_group=process_group)
+            dcp.load(state, storage_reader=reader, planner=_ItemsAsDataPlanner(), process_group=process_group)
     except (Exception, CheckpointException) as error:
         # DCP reports a bad `.metadata` as an AssertionError after trying rank-local metadata, and a bad data
         # object of any rank as a CheckpointException of every rank's failures.

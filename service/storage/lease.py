@@ -47,6 +47,7 @@ from service.storage.filesystem import StorageError, explain, filesystem
 log = logging.getLogger("barlow")
 
 LEASE_FILE = "lease.json"
+LEASE_LIMIT = 64 << 10  # a lease record is ~300 bytes; every store reads at most this much more than it
 
 
 class LeaseHeld(RuntimeError):
@@ -82,10 +83,12 @@ class LeaseRecord:
     @classmethod
     def from_json(cls, data: bytes) -> LeaseRecord:
         """Parse lease.json; ValueError when it is not a lease record."""
+        if len(data) > LEASE_LIMIT:
+            raise ValueError(f"more than {LEASE_LIMIT:,} bytes, not a lease record")
         try:
             value = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ValueError(f"not JSON ({error})") from None
+        except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError; nesting too deep
+            raise ValueError(f"not JSON ({type(error).__name__})") from None
         if not isinstance(value, dict):
             raise ValueError("not a JSON object")
         known = {field.name for field in fields(cls)}
@@ -352,7 +355,7 @@ class _Conflict(Exception):
 @dataclass(frozen=True)
 class _Stored:
     data: bytes
-    version: Any  # the ETag on S3, the bytes elsewhere
+    version: Any  # the ETag on S3, the bytes elsewhere (as data: never more than LEASE_LIMIT + 1 are read)
     modified: float | None  # unix time of the last write, when the store says
 
 
@@ -403,7 +406,7 @@ class _LocalStore(_Store):
     def _read(self) -> _Stored | None:
         try:
             with open(self.path, "rb") as file:
-                return _Stored(file.read(), None, os.fstat(file.fileno()).st_mtime)
+                return _Stored(file.read(LEASE_LIMIT + 1), None, os.fstat(file.fileno()).st_mtime)
         except FileNotFoundError:
             return None
 
@@ -473,7 +476,7 @@ class _S3Store(_Store):
         # the ETag first: if the object changes before the GET, a write conditional on this ETag fails
         try:
             info = self.fs.info(self.path, refresh=True)
-            data = self.fs.cat_file(self.path)
+            data = self.fs.cat_file(self.path, start=0, end=LEASE_LIMIT + 1)
         except FileNotFoundError:
             return None
         modified = info.get("LastModified")
@@ -522,7 +525,7 @@ class _BestEffortStore(_Store):
 
     def _read(self) -> _Stored | None:
         try:
-            data = self.fs.cat_file(self.path)
+            data = self.fs.cat_file(self.path, start=0, end=LEASE_LIMIT + 1)
         except FileNotFoundError:
             return None
         try:

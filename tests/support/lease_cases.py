@@ -145,6 +145,21 @@ class LeaseCases:
         assert stored_record(run_url, storage) == stale.record
         stale.release()
 
+    @pytest.mark.parametrize("hostile, problem", [
+        (b"[" * 30_000 + b"]" * 30_000, "not JSON (RecursionError)"),
+        (b"{" + b" " * (1 << 20) + b"}", "more than 65,536 bytes, not a lease record"),
+    ], ids=["nested", "1-MiB"])
+    def test_a_hostile_lease_is_read_bounded_and_can_be_taken_over(self, run_url, storage, hostile, problem):
+        """Nested brackets or a lease.json of any size: one line naming the problem, never read whole; the
+        conditional replacement of a forced takeover still matches what was read."""
+        write_lease(run_url, storage, hostile)
+        with pytest.raises(LeaseHeld, match="unknown holder") as refused:
+            Lease.acquire(run_url, storage, job_id="job-a", timeout_s=300)
+        assert problem in str(refused.value) and "\n" not in str(refused.value)
+        forced = Lease.acquire(run_url, storage, job_id="job-a", timeout_s=300, force=True)
+        assert stored_record(run_url, storage) == forced.record
+        forced.release()
+
     def test_heartbeat_thread_refreshes_and_notices_a_takeover(self, run_url, storage):
         lease = Lease.acquire(run_url, storage, job_id="job-a", timeout_s=300)
         first = lease.record.heartbeat

@@ -18,13 +18,13 @@ WORKER = Worker(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 class Training:
     """A tiny model, its LARS optimizer and a manager, trained a step at a time."""
 
-    def __init__(self, run_url, storage=StorageSpec(), model=MODEL, seed=0, **checkpoint):
+    def __init__(self, run_url, storage=StorageSpec(), model=MODEL, seed=0, fp16=False, **checkpoint):
         torch.manual_seed(seed)
         self.model = BarlowTwins(model)
         self.optimizer = build_lars(self.model, weight_decay=1e-6, momentum=0.9, eta=0.001)
         for group in self.optimizer.param_groups:
             group["lr"] = 0.1
-        self.scaler = torch.amp.GradScaler("cpu", enabled=False)
+        self.scaler = torch.amp.GradScaler("cpu", enabled=fp16, init_scale=2.0**10)  # fp16: its state is saved
         spec = TrainSpec.model_validate({"data": {"dataset": "digits"}, "model": model.model_dump(),
                                          "run": {"output": run_url}})
         self.manager = CheckpointManager(
@@ -37,8 +37,9 @@ class Training:
         generator = torch.Generator().manual_seed(seed)
         z1, z2 = self.model(torch.randn(4, 3, 8, 8, generator=generator), torch.randn(4, 3, 8, 8, generator=generator))
         self.optimizer.zero_grad()
-        (z1 - z2).square().mean().backward()
-        self.optimizer.step()
+        self.scaler.scale((z1 - z2).square().mean()).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
 
     def state(self) -> dict:
         momentum = {f"mu.{i}": self.optimizer.state[p]["mu"] for i, p in enumerate(self.model.parameters())

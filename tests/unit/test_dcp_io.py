@@ -1,0 +1,139 @@
+"""What a checkpoint's objects may hold, read without DCP: the restricted unpickler of `.metadata`, the weights-only
+reading of non-tensor items, and the manifest's limits and types. Real checkpoints through the same readers:
+tests/integration/test_checkpoint.py; planted ones through the CLI: tests/integration/test_hostile_checkpoints.py."""
+
+import io
+import json
+import os
+import pickle
+
+import fsspec
+import pytest
+import torch
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex
+
+from service.storage import checkpoint, dcp_io
+from service.storage.dcp_io import CorruptCheckpoint, ForeignObject, load_item, read_metadata
+from service.storage.untrusted import UntrustedObject
+
+
+class Planted:
+    """What a hostile writer pickles: unpickling it calls os.system."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def metadata_with(relative_path: str = "__0_0.distcp") -> Metadata:
+    index = MetadataIndex("optimizer.param_groups.0.lr")
+    return Metadata(state_dict_metadata={"optimizer.param_groups.0.lr": BytesStorageMetadata()},
+                    storage_data={index: _StorageInfo(relative_path=relative_path, offset=0, length=8)})
+
+
+def test_metadata_of_dcp_classes_is_read():
+    metadata = read_metadata(pickle.dumps(metadata_with()))
+    assert isinstance(metadata, Metadata)
+    assert [info.relative_path for info in metadata.storage_data.values()] == ["__0_0.distcp"]
+
+
+def test_a_pickle_that_runs_code_is_refused_before_it_runs(tmp_path):
+    marker = tmp_path / "planted"
+    with pytest.raises(ForeignObject, match=r"\.metadata would load posix\.system") as refused:
+        read_metadata(pickle.dumps(Planted(marker)))
+    assert not marker.exists()
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("protocol", [0, 2, pickle.HIGHEST_PROTOCOL])  # GLOBAL/REDUCE, NEWOBJ, STACK_GLOBAL
+def test_every_pickle_protocol_goes_through_the_allow_list(tmp_path, protocol):
+    marker = tmp_path / "planted"
+    with pytest.raises(ForeignObject):
+        read_metadata(pickle.dumps({"metadata": Planted(marker)}, protocol=protocol))
+    assert not marker.exists()
+
+
+def test_metadata_of_allowed_classes_still_names_only_plain_objects():
+    """_StorageInfo's relative_path is where DCP reads an item from: a path out of the checkpoint is refused."""
+    for path in ("../../elsewhere/__0_0.distcp", "/etc/passwd", "a\\b", "x/__0_0.distcp", ""):
+        with pytest.raises(ForeignObject, match="not a name this project writes"):
+            read_metadata(pickle.dumps(metadata_with(path)))
+
+
+@pytest.mark.parametrize("payload, match", [
+    (pickle.dumps({"not": "metadata"}), "holds a dict, not DCP metadata"),
+    (b"\x80\x05garbage", "is not DCP metadata"),
+    (pickle.dumps(metadata_with())[:40], "is not DCP metadata"),
+])
+def test_metadata_that_is_not_dcp_metadata_is_corrupt(payload, match):
+    with pytest.raises(CorruptCheckpoint, match=match):
+        read_metadata(payload)
+
+
+def test_non_tensor_items_load_as_data_and_refuse_code(tmp_path):
+    buffer = io.BytesIO()
+    torch.save({"lr": 0.2, "params": ["backbone.conv1.weight"], "filter": True}, buffer)
+    buffer.seek(0)
+    assert load_item(buffer, "optimizer.param_groups.0") == {"lr": 0.2, "params": ["backbone.conv1.weight"],
+                                                             "filter": True}
+    marker = tmp_path / "planted"
+    buffer = io.BytesIO()
+    torch.save(Planted(marker), buffer)
+    buffer.seek(0)
+    with pytest.raises(ForeignObject, match=r"item optimizer.param_groups.0.lr: .*posix.system"):
+        load_item(buffer, "optimizer.param_groups.0.lr")
+    assert not marker.exists()
+
+
+def test_metadata_larger_than_dcp_writes_is_not_read(monkeypatch):
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file("/ckpt/.metadata", b"x" * 100)
+    monkeypatch.setattr(dcp_io, "METADATA_LIMIT", 99)
+    with pytest.raises(CorruptCheckpoint, match="more than DCP metadata holds"):
+        dcp_io.read_verified(fs, "/ckpt/.metadata", {".metadata": {"size": 100, "crc32": 0}})
+
+
+GOOD_MANIFEST = dict(format=1, step=8, epoch=0, batch_in_epoch=8, steps_per_epoch=16, world_size=1, scaler={},
+                     run_id="d7c1e3adb999", spec={"model": {"backbone": "resnet18"}}, created="2026-12-05",
+                     objects=[dict(name=".metadata", size=10, crc32=1), dict(name="__0_0.distcp", size=20, crc32=2)])
+
+
+def manifest_at(text: str | bytes) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file("/run/manifest.json", text.encode() if isinstance(text, str) else text)
+    return fs, "/run/manifest.json"
+
+
+def test_a_manifest_of_the_form_this_project_writes_is_read_whole():
+    manifest = checkpoint.read_manifest(*manifest_at(json.dumps({**GOOD_MANIFEST, "versions": {"torch": "2.14"}})))
+    assert manifest == {**GOOD_MANIFEST, "versions": {"torch": "2.14"}}  # fields it does not check are kept
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"step": "8"}, "step: Input should be a valid integer"),
+    ({"epoch": True}, "epoch: Input should be a valid integer"),
+    ({"spec": {"model": None}}, "spec.model"),
+    ({"objects": [{"name": ".metadata", "size": "10", "crc32": 1}]}, "objects.0.size"),
+    ({"objects": [{"name": "../../x", "size": 10, "crc32": 1}]}, "'../../x' is not a name this project writes"),
+    ({"objects": [{"name": "/etc/passwd", "size": 10, "crc32": 1}]}, "is not a name this project writes"),
+    ({"objects": [{"name": "a\x1bb", "size": 10, "crc32": 1}]}, "is not a name this project writes"),
+    ({"scaler": {"scale": "big"}}, "scaler.scale"),
+    ({"step": None}, "step"),
+])
+def test_a_manifest_of_another_form_is_one_line_naming_the_field(change, match):
+    with pytest.raises((UntrustedObject, ForeignObject), match=match) as refused:
+        checkpoint.read_manifest(*manifest_at(json.dumps({**GOOD_MANIFEST, **change})))
+    assert "\n" not in str(refused.value) and "/run/manifest.json" in str(refused.value)
+
+
+def test_a_manifest_of_nested_brackets_or_too_many_bytes_is_one_line(monkeypatch):
+    with pytest.raises(UntrustedObject, match="nested too deeply"):
+        checkpoint.read_manifest(*manifest_at("[" * 200_000 + "]" * 200_000))
+    with pytest.raises(UntrustedObject, match="not JSON"):
+        checkpoint.read_manifest(*manifest_at(b"\xff\xfe"))
+    monkeypatch.setattr(checkpoint, "MANIFEST_LIMIT", 1000)
+    with pytest.raises(UntrustedObject, match="more than a checkpoint manifest holds"):
+        checkpoint.read_manifest(*manifest_at(json.dumps(GOOD_MANIFEST) + " " * 1000))
