@@ -20,6 +20,7 @@ import tarfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import PIL.Image
 import torchvision
@@ -27,13 +28,15 @@ from tqdm import tqdm
 
 from service.data.datasets import digits_is_test, regular_image_file
 from service.data.errors import DataError
-from service.data.shards import INDEX, ShardIndex, shard_key
+from service.data.shards import INDEX, MAX_INDEX_BYTES, ShardIndex, shard_key
 from service.spec import StorageSpec
 from service.storage.filesystem import filesystem, is_remote
+from service.storage.untrusted import KiB, UntrustedObject, parse_json, read_bounded
 
 PLAN = "_plan.json"
 PARTS = "_parts"
 HEADER_BYTES = 1536  # a sample's two tar headers and its padding, on average: for planning shard sizes
+MAX_PLAN_BYTES = 64 * KiB  # {"plan": sha256, "source": the source's path}
 
 
 @dataclass(frozen=True)
@@ -194,15 +197,17 @@ def pack(source: str, dest: str, storage: StorageSpec, *, shard_bytes: int = 512
             samples=[(s.name, s.label, s.size) for s in samples], cuts=cuts)).encode()).hexdigest()
         split_root = f"{root}/{split}"
         if fs.exists(f"{split_root}/{INDEX}"):
-            done = ShardIndex.from_bytes(fs.cat_file(f"{split_root}/{INDEX}"), f"{dest}/{split}")
+            done = ShardIndex.from_bytes(read_bounded(fs, f"{split_root}/{INDEX}", MAX_INDEX_BYTES,
+                                                      "packed data set's index"), f"{dest}/{split}/{INDEX}")
             if done.meta.get("plan") != plan:
                 raise DataError(f"{dest}/{split} already holds another packed data set: remove it, or pack into "
                                 "another URL")
             reports.append(PackReport(split, done, len(done.shards)))  # packed already: nothing to do
             continue
         if fs.exists(f"{split_root}/{PLAN}"):
-            found = json.loads(fs.cat_file(f"{split_root}/{PLAN}"))["plan"]
-            if found != plan:
+            found = parse_json(read_bounded(fs, f"{split_root}/{PLAN}", MAX_PLAN_BYTES, "pack's plan"),
+                               f"{dest}/{split}/{PLAN}")
+            if not isinstance(found, dict) or found.get("plan") != plan:
                 raise DataError(f"{dest}/{split} holds a pack of another source or shard size: remove it, or pack "
                                 "into another URL")
         else:
@@ -210,8 +215,8 @@ def pack(source: str, dest: str, storage: StorageSpec, *, shard_bytes: int = 512
             fs.pipe_file(_parent_made(fs, f"{split_root}/{PLAN}", dest), body)
         parts = {}
         for path in (fs.glob(f"{split_root}/{PARTS}/*.json") if fs.exists(f"{split_root}/{PARTS}") else []):
-            part = json.loads(fs.cat_file(path))
-            if part.get("plan") == plan:
+            part = parse_json(read_bounded(fs, path, MAX_INDEX_BYTES, "pack's part"), path)
+            if _is_part(part, split, plan, len(cuts)):
                 parts[part["number"]] = part
         resumed = len(parts)
         todo = [n for n in range(len(cuts)) if n not in parts]
@@ -227,13 +232,25 @@ def pack(source: str, dest: str, storage: StorageSpec, *, shard_bytes: int = 512
                     parts[n] = future.result()
                     bar.update(cuts[n][1] - cuts[n][0])
         bar.close()
-        index = _index(classes, [parts[n] for n in range(len(cuts))], source, plan)
-        _write_whole(fs, f"{split_root}/{INDEX}", index.to_bytes(), dest)  # the commit
+        try:
+            body = _index(classes, [parts[n] for n in range(len(cuts))], source, plan).to_bytes()
+        except (KeyError, TypeError, ValueError, OverflowError) as error:  # a part's records of other types
+            raise UntrustedObject(f"{dest}/{split}/{PARTS}: a part is not of the form this project writes "
+                                  f"({error}): remove the folder and pack again") from None
+        index = ShardIndex.from_bytes(body, f"{dest}/{split}/{INDEX}")  # checked before it is committed
+        _write_whole(fs, f"{split_root}/{INDEX}", body, dest)  # the commit
         if fs.exists(f"{split_root}/{PARTS}"):
             fs.rm(f"{split_root}/{PARTS}", recursive=True)
         fs.rm_file(f"{split_root}/{PLAN}")
-        reports.append(PackReport(split, ShardIndex.from_bytes(index.to_bytes(), split_root), resumed))
+        reports.append(PackReport(split, index, resumed))
     return reports
+
+
+def _is_part(part: Any, split: str, plan: str, shards: int) -> bool:
+    """Whether a committed part belongs to this plan and names the shard `shard_key` makes for its number: a part
+    naming another (a path) is not this pack's, and its shard is packed again."""
+    return (isinstance(part, dict) and part.get("plan") == plan and type(part.get("number")) is int
+            and 0 <= part["number"] < shards and part.get("key") == shard_key(split, part["number"]))
 
 
 def _index(classes: list[str], parts: list[dict], source: str, plan: str) -> ShardIndex:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import fsspec
 
-from service.data.shards import ShardIndex
+from service.data.shards import INDEX, ShardIndex
+from service.storage.untrusted import path_under
 
 log = logging.getLogger("barlow")
 
@@ -38,11 +39,14 @@ class ShardCache:
         self.url = url
         self.options = options  # the data set's fsspec options
         self.index = index
+        # the index's shard names are checked names (ShardIndex.from_bytes); their paths must also resolve, links
+        # followed, under the cache's folder: nothing is read or written outside it
+        self.paths = [path_under(self.root, name, f"{url}/{INDEX}", parts=2) for name in index.shards]
         self._filler: tuple[int, threading.Thread] | None = None
         self._open: dict[int, int] = {}  # shard -> file descriptor, in this process
 
     def local_path(self, shard: int) -> Path:
-        return self.root / self.index.shards[shard]
+        return self.paths[shard]
 
     def read(self, sample: int) -> bytes | None:
         """The sample's bytes from a cached shard, or None (not cached yet); starts this process's filler."""

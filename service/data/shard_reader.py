@@ -28,9 +28,10 @@ from torchvision.transforms import v2
 
 from service.data.errors import DataError, SampleError
 from service.data.shard_cache import ShardCache
-from service.data.shards import INDEX, ShardIndex
+from service.data.shards import INDEX, MAX_INDEX_BYTES, ShardIndex
 from service.spec import StorageSpec
 from service.storage.filesystem import StorageError, explain, filesystem, fsspec_options
+from service.storage.untrusted import read_bounded
 
 log = logging.getLogger("barlow")
 CONCURRENCY = 64  # ranges in flight per loader process: ~40 ms a request, 64 in flight is ~1,600 images/s
@@ -42,19 +43,19 @@ def split_url(url: str, split: str) -> str:
 
 
 def read_index(url: str, storage: StorageSpec) -> ShardIndex:
-    """The committed index of the split at `url`; a clear error where there is none."""
+    """The committed index of the split at `url`, read within MAX_INDEX_BYTES and checked (ShardIndex.from_bytes:
+    UntrustedObject when it is not one this project writes); a clear error where there is none."""
     fs, path = filesystem(url, storage)
     try:
-        data = fs.cat_file(f"{path.rstrip('/')}/{INDEX}")
+        data = read_bounded(fs, f"{path.rstrip('/')}/{INDEX}", MAX_INDEX_BYTES, "packed data set's index")
     except FileNotFoundError:
         raise DataError(f"{url}: no {INDEX} here, so no packed data set (a pack that did not finish has none): "
                         f"run barlow data pack SOURCE {url.rsplit('/', 1)[0]}") from None
+    except StorageError:
+        raise
     except Exception as error:  # noqa: BLE001 - credentials, endpoint, network: explained, not a traceback
         raise StorageError(explain(url, error)) from None
-    try:
-        return ShardIndex.from_bytes(data, f"{url}/{INDEX}")
-    except ValueError as error:
-        raise DataError(str(error)) from None
+    return ShardIndex.from_bytes(data, f"{url}/{INDEX}")
 
 
 def decode_image_bytes(data: bytes, what: str) -> tv_tensors.Image:

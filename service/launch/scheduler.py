@@ -22,7 +22,6 @@ import posixpath
 import warnings
 from typing import Any, Dict, List
 
-import yaml
 from torchx.specs import AppDef, AppDryRunInfo, Role, runopts
 
 from components.resources import MOUNTS_METADATA, RUN_OUTPUT_METADATA, SHM_CAPABILITY, WORKERS_METADATA
@@ -35,7 +34,7 @@ from service.launch.torchx_api import (
     run_option,
     to_plain_objects,
 )
-from service.spec import StorageSpec
+from service.spec import MAX_SPEC_BYTES, StorageSpec, safe_yaml
 
 RUN_AS_USER = 1000  # the training image's non-root user
 EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
@@ -201,8 +200,9 @@ class BarlowKubernetesScheduler(KubernetesScheduler):
 
     def run_location(self, app_id: str) -> tuple[str, StorageSpec] | None:
         """The run.output and storage settings of the job NAMESPACE:NAME, from the resolved spec its first task's
-        container carries (BARLOW_SPEC); None when it carries none (a spec image:PATH). ValueError when the
-        Kubernetes API cannot be asked or has no such job."""
+        container carries (BARLOW_SPEC, read with the spec's bounded YAML loader: whoever may create jobs in the
+        namespace wrote it); None when it carries none (a spec image:PATH). ValueError when the Kubernetes API
+        cannot be asked, has no such job, or the job's spec has no run.output."""
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError
 
@@ -218,8 +218,13 @@ class BarlowKubernetesScheduler(KubernetesScheduler):
         text = next((item.get("value") for item in container.get("env") or [] if item["name"] == SPEC_ENV), None)
         if not text:
             return None
-        spec = yaml.safe_load(text)
-        return spec["run"]["output"], StorageSpec.model_validate(spec.get("storage") or {})
+        if len(text) > MAX_SPEC_BYTES:
+            raise ValueError(f"job {app_id}: its {SPEC_ENV} is larger than a spec ({MAX_SPEC_BYTES:,} bytes)")
+        spec = safe_yaml(text, f"job {app_id}'s {SPEC_ENV}")
+        run = spec.get("run") if isinstance(spec, dict) else None
+        if not isinstance(run, dict) or not isinstance(run.get("output"), str):
+            raise ValueError(f"job {app_id}: its {SPEC_ENV} is not a spec with a run.output")
+        return run["output"], StorageSpec.model_validate(spec.get("storage") or {})
 
 
 def create_scheduler(session_name: str, **kwargs: Any) -> BarlowKubernetesScheduler:

@@ -12,19 +12,23 @@ event is "end"), `preempted` (SIGTERM: saved and stopped, resumable), `failed` (
 from __future__ import annotations
 
 import datetime
+import logging
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
 from service.observe.run_log import STATS, RunLog, read_run_log
-from service.spec import CheckpointSpec, StorageSpec
+from service.spec import MAX_SPEC_BYTES, CheckpointSpec, SpecError, StorageSpec, safe_yaml
 from service.storage.checkpoint import CheckpointInfo, list_checkpoints
 from service.storage.filesystem import StorageError, explain, filesystem, is_remote, storage_errors
 from service.storage.lease import LEASE_FILE, LeaseRecord
+from service.storage.untrusted import KiB, UntrustedObject, read_bounded
+
+log = logging.getLogger("barlow")
 
 SPEC_FILE = "spec.yaml"
+MAX_LEASE_BYTES = 64 * KiB  # a lease record is ~300 bytes
 ETA_LINES = 5  # the ETA's step time: the mean over this many of the newest logged lines of the current attempt
 
 
@@ -57,8 +61,8 @@ def read_progress(run_url: str, storage: StorageSpec, now: float | None = None) 
     try:
         fs, path = filesystem(run_url, storage)
         log = read_run_log(run_url, storage)
-        spec_text = _read(fs, f"{path.rstrip('/')}/{SPEC_FILE}")
-        lease_data = _read(fs, f"{path.rstrip('/')}/{LEASE_FILE}")
+        spec_text = _read(fs, f"{path.rstrip('/')}/{SPEC_FILE}", MAX_SPEC_BYTES, "spec")
+        lease_data = _read(fs, f"{path.rstrip('/')}/{LEASE_FILE}", MAX_LEASE_BYTES, "lease record")
         if log is None and spec_text is None and lease_data is None:
             _require_bucket(run_url, fs, path)
             raise NoRun(f"{run_url}: no run here (no {STATS}, {SPEC_FILE} or {LEASE_FILE}): check the URL (a run's "
@@ -67,7 +71,7 @@ def read_progress(run_url: str, storage: StorageSpec, now: float | None = None) 
     except storage_errors() as error:
         raise StorageError(explain(run_url, error)) from None
     log = log or RunLog()
-    state, detail = _state(log, lease_data, _lease_timeout(spec_text), now)
+    state, detail = _state(log, lease_data, _lease_timeout(spec_text, f"{run_url.rstrip('/')}/{SPEC_FILE}"), now)
     step, epoch = _position(log)
     total = log.starts[-1]["total_steps"] if log.starts else None
     last = log.last_step
@@ -149,8 +153,17 @@ def print_status(target: str, storage: StorageSpec) -> int:
 
 
 def print_runs(url: str, storage: StorageSpec) -> int:
-    """`barlow runs ls URL`: one aligned row per run, the most recently updated first."""
-    runs = [read_progress(run, storage) for run in find_runs(url, storage)]
+    """`barlow runs ls URL`: one aligned row per run, the most recently updated first. A run whose files are not
+    what this project writes (UntrustedObject) is listed as `unreadable`, its reason on standard error, and the
+    exit status is 1."""
+    runs, unreadable = [], 0
+    for run in find_runs(url, storage):
+        try:
+            runs.append(read_progress(run, storage))
+        except UntrustedObject as error:
+            print(f"barlow: {error}", file=sys.stderr)
+            runs.append(Progress(run, "unreadable", str(error), *[None] * 9))  # nothing else known
+            unreadable += 1
     if not runs:
         print(f"no runs under {url}")
         return 0
@@ -165,7 +178,7 @@ def print_runs(url: str, storage: StorageSpec) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
-    return 0
+    return 1 if unreadable else 0
 
 
 def format_status(progress: Progress, now: float | None = None) -> str:
@@ -202,9 +215,10 @@ def _torchx_scheduler(target: str) -> str | None:
     return scheme if scheme in get_scheduler_factories() else None
 
 
-def _read(fs: Any, path: str) -> bytes | None:
+def _read(fs: Any, path: str, limit: int, what: str) -> bytes | None:
+    """The object at `path` (None when absent), within `limit` bytes (UntrustedObject beyond)."""
     try:
-        return fs.cat_file(path)
+        return read_bounded(fs, path, limit, what)
     except FileNotFoundError:
         return None
 
@@ -218,15 +232,22 @@ def _require_bucket(url: str, fs: Any, path: str) -> None:
             raise StorageError(explain(url, error)) from None
 
 
-def _lease_timeout(spec_text: bytes | None) -> float:
+def _lease_timeout(spec_text: bytes | None, url: str) -> float:
+    """The run's checkpoint.lease_timeout from its spec.yaml (read with the spec's bounded YAML loader); the
+    default where the spec has none (an older trainer's), and, with a warning, where the file is not a spec."""
     default = float(CheckpointSpec.model_fields["lease_timeout"].default)
     if spec_text is None:
         return default
     try:
-        spec = yaml.safe_load(spec_text)
-        return float(spec["checkpoint"]["lease_timeout"])
-    except (yaml.YAMLError, KeyError, TypeError, ValueError):
+        return float(safe_yaml(spec_text, url)["checkpoint"]["lease_timeout"])
+    except KeyError:
         return default
+    except SpecError as error:
+        why = str(error)
+    except (TypeError, ValueError, OverflowError):
+        why = f"{url}: not a spec with a number for checkpoint.lease_timeout"
+    log.warning("%s; the lease's timeout is taken as the default, %g s", why, default)
+    return default
 
 
 def _state(log: RunLog, lease_data: bytes | None, timeout_s: float, now: float) -> tuple[str, str]:
@@ -234,7 +255,7 @@ def _state(log: RunLog, lease_data: bytes | None, timeout_s: float, now: float) 
     if lease_data is not None:
         try:
             holder = LeaseRecord.from_json(lease_data)
-        except ValueError as error:
+        except (ValueError, RecursionError, UntrustedObject) as error:  # RecursionError: nested brackets
             stale = f"; {LEASE_FILE} is unreadable ({error})"
         else:
             age = now - holder.heartbeat

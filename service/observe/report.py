@@ -6,6 +6,10 @@ pre-emptions) on the loss's step axis and on a wall-clock timeline, the newest c
 spec. Figures are inline SVG drawn by matplotlib; nothing is fetched when the page is viewed. Beside each figure a
 `<script type="application/json" class="figure-data">` holds exactly the series it plots, for whoever wants the
 numbers (and for the tests, which compare them with stats.txt).
+
+What the run folder holds is read as others may have written it: stats.txt as run_log reads it, spec.yaml within
+the spec's size and with its bounded YAML loader, the event files only under names this project writes, within
+MAX_EVENT_FILES and MAX_EVENT_BYTES, each record within MAX_RECORD_BYTES, the image within MAX_IMAGE_PIXELS.
 """
 
 from __future__ import annotations
@@ -14,14 +18,17 @@ import base64
 import html
 import io
 import json
+import logging
 import math
+import re
+import struct
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped]  # protobuf ships no types
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import LinearSegmentedColormap, Normalize
 from matplotlib.figure import Figure
@@ -31,13 +38,22 @@ from tensorboard.backend.event_processing.event_accumulator import IMAGES, Event
 from service.observe.run_log import RunLog, read_run_log
 from service.observe.stats import CORRELATION_TAG
 from service.observe.tensorboard import EVENT_FILES, FOLDER, NEGATIVE, POSITIVE, ZERO
-from service.spec import StorageSpec
+from service.spec import MAX_SPEC_BYTES, SpecError, StorageSpec, safe_yaml
 from service.storage.checkpoint import CheckpointInfo, list_checkpoints
 from service.storage.filesystem import StorageError, filesystem, require_exists
+from service.storage.untrusted import MiB, UntrustedObject, checked_name, read_bounded
+
+log = logging.getLogger("barlow")
 
 EVENT_STYLE = {"start": ("tab:green", "-"), "resume": ("tab:green", "-"), "checkpoint": ("0.6", ":"),
                "preempted": ("tab:red", "--"), "diverged": ("tab:red", "-"), "world size": ("tab:purple", "-"),
                "end": ("black", "-")}
+# A run's event files: ~1 KB of scalars a logged step and a 64 x 64 PNG every run.image_every steps, in one file
+# per upload (every run.sync_every_seconds, 5 min): 1000 ImageNet epochs write tens of MB in a few thousand files
+MAX_EVENT_FILES = 50_000
+MAX_EVENT_BYTES = 256 * MiB
+MAX_RECORD_BYTES = 16 * MiB  # TensorBoard's reader allocates what a record declares before reading it
+MAX_IMAGE_PIXELS = 1024 * 1024  # the image drawn is 64 x 64
 
 
 def write_report(run: str, output: str, storage: StorageSpec) -> str:
@@ -51,7 +67,7 @@ def write_report(run: str, output: str, storage: StorageSpec) -> str:
     checkpoints = [c for c in list_checkpoints(run, storage) if c.valid]
     image = _newest_correlation_image(run, storage)
     events = _events(log)
-    figures = _figures(log, events, spec_text, image)
+    figures = _figures(log, events, spec_text, image, run)
     page = _page(run, log, events, spec_text, checkpoints, figures)
     fs, path = filesystem(output, storage)
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
@@ -63,21 +79,61 @@ def write_report(run: str, output: str, storage: StorageSpec) -> str:
 
 
 def _read_text(url: str, storage: StorageSpec) -> str | None:
+    """The spec's text, within MAX_SPEC_BYTES (UntrustedObject beyond); None when there is none."""
     fs, path = filesystem(url, storage)
-    return fs.cat_file(path).decode() if fs.exists(path) else None
+    if not fs.exists(path):
+        return None
+    return read_bounded(fs, path, MAX_SPEC_BYTES, "spec").decode(errors="replace")
+
+
+def _event_files(fs, path: str, where: str) -> dict[str, str]:
+    """{local name: remote path} of the run's event files: names of the form this project writes (UntrustedObject
+    naming the first that is not), at most MAX_EVENT_FILES of MAX_EVENT_BYTES in all."""
+    found = fs.glob(f"{path}/{EVENT_FILES}", detail=True)
+    if len(found) > MAX_EVENT_FILES:
+        raise UntrustedObject(f"{where}: {len(found):,} event files, more than a run writes (at most "
+                              f"{MAX_EVENT_FILES:,}): not read")
+    total = sum(int(info.get("size") or 0) for info in found.values())
+    if total > MAX_EVENT_BYTES:
+        raise UntrustedObject(f"{where}: {total:,} bytes of event files, more than a run writes (at most "
+                              f"{MAX_EVENT_BYTES:,}): not read")
+    return {checked_name(name.rstrip("/").rsplit("/", 1)[-1], where): name for name in found}
+
+
+def check_records(path: Path, where: str) -> None:
+    """UntrustedObject unless every record of the event file at `path` declares at most MAX_RECORD_BYTES (a
+    record is an 8-byte length, its 4-byte CRC, the data and the data's CRC). A record cut short, as in a file
+    still being written, ends the check: TensorBoard's reader stops there too."""
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        position = 0
+        while len(header := file.read(8)) == 8:
+            (length,) = struct.unpack("<Q", header)
+            if length > MAX_RECORD_BYTES:
+                raise UntrustedObject(f"{where}: a record of {length:,} bytes at byte {position:,}, more than an "
+                                      f"event holds (at most {MAX_RECORD_BYTES:,}): not TensorBoard's")
+            position += 16 + length
+            if position > size:
+                break
+            file.seek(position)
 
 
 def _newest_correlation_image(run: str, storage: StorageSpec) -> tuple[int, bytes] | None:
     """(step, PNG bytes) of the newest cross-correlation image in the run's event files, read with TensorBoard's
-    EventAccumulator (which drops the events a resumed run purged)."""
+    EventAccumulator (which drops the events a resumed run purged), each file checked first (check_records)."""
     fs, path = filesystem(f"{run}/{FOLDER}", storage)
     if not fs.exists(path):
         return None
     with tempfile.TemporaryDirectory(prefix="barlow-report-") as folder:
-        for name in fs.glob(f"{path}/{EVENT_FILES}"):
-            fs.get_file(name, str(Path(folder) / Path(name).name))
+        for name, remote in _event_files(fs, path, f"{run}/{FOLDER}").items():
+            fs.get_file(remote, str(Path(folder) / name))
+            check_records(Path(folder) / name, f"{run}/{FOLDER}/{name}")
         accumulator = EventAccumulator(folder, size_guidance={IMAGES: 0})  # all: a resume's purge may drop the last
-        accumulator.Reload()
+        try:
+            accumulator.Reload()
+        except DecodeError as error:
+            raise UntrustedObject(f"{run}/{FOLDER}: an event file holds a record that is not an event ({error})"
+                                  ) from None
         images = accumulator.Images(CORRELATION_TAG) if CORRELATION_TAG in accumulator.Tags()[IMAGES] else []
         newest = max(images, key=lambda event: event.step, default=None)  # none when a resume purged them all
         return None if newest is None else (newest.step, newest.encoded_image_string)
@@ -178,9 +234,21 @@ def _time_unit(span_s: float) -> tuple[str, float]:
     return ("seconds", 1.0) if span_s < 120 else ("minutes", 60.0) if span_s < 7200 else ("hours", 3600.0)
 
 
-def _heatmap(image: tuple[int, bytes]) -> tuple[Figure, dict[str, Any]]:
+def _pixels(png: bytes, where: str) -> np.ndarray:
+    """The image's RGB pixels; UntrustedObject when it is not an image of at most MAX_IMAGE_PIXELS."""
+    try:
+        with Image.open(io.BytesIO(png)) as picture:
+            if picture.width * picture.height > MAX_IMAGE_PIXELS:
+                raise UntrustedObject(f"{where}: a {picture.width} x {picture.height} image, more than this project "
+                                      f"draws (at most {MAX_IMAGE_PIXELS:,} pixels): not read")
+            return np.asarray(picture.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as error:  # UnidentifiedImageError is an OSError
+        raise UntrustedObject(f"{where}: the cross-correlation image is not an image ({error})") from None
+
+
+def _heatmap(image: tuple[int, bytes], where: str) -> tuple[Figure, dict[str, Any]]:
     step, png = image
-    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    pixels = _pixels(png, where)
     figure = Figure(figsize=(5.2, 4.4))
     axes = figure.add_subplot()
     axes.imshow(pixels, interpolation="nearest")
@@ -194,21 +262,35 @@ def _heatmap(image: tuple[int, bytes]) -> tuple[Figure, dict[str, Any]]:
     return figure, data
 
 
-def _projector_width(spec_text: str | None) -> int | None:
+def _projector_width(spec_text: str | None, where: str) -> int | None:
+    """D, the projector's output width, from the spec's model.projector ("8192-8192-8192"); None where the spec
+    has none (an evaluation's), and, with a warning, where the spec is not one."""
     if not spec_text:
         return None
-    projector = (yaml.safe_load(spec_text) or {}).get("model", {}).get("projector")
-    return int(str(projector).split("-")[-1]) if projector else None
+    try:
+        spec = safe_yaml(spec_text, where)
+    except SpecError as error:
+        log.warning("%s; the collapse figure is drawn without 1/sqrt(D)", error)
+        return None
+    model = spec.get("model", {}) if isinstance(spec, dict) else None
+    projector = model.get("projector") if isinstance(model, dict) else ""
+    if projector is None:
+        return None
+    if not (isinstance(projector, str) and re.fullmatch(r"[1-9][0-9]{0,6}(-[1-9][0-9]{0,6})*", projector)):
+        log.warning("%s: not a spec with a model.projector of widths; the collapse figure is drawn without "
+                    "1/sqrt(D)", where)
+        return None
+    return int(projector.rsplit("-", 1)[-1])
 
 
 def _figures(log: RunLog, events: list[dict[str, Any]], spec_text: str | None,
-             image: tuple[int, bytes] | None) -> list[dict[str, Any]]:
+             image: tuple[int, bytes] | None, run: str) -> list[dict[str, Any]]:
     """(name, title, svg, data) of every figure, in the page's order."""
     step_events = [event for event in events if event["kind"] != "end"]
     series = {field: _series(log.steps, field) for field in (
         "loss", "loss_on_diag", "loss_off_diag", "lr_weights", "lr_biases", "images_per_s", "data_wait",
         "peak_memory_gib", "embedding_std", "step_time")}
-    width = _projector_width(spec_text)
+    width = _projector_width(spec_text, f"{run}/spec.yaml")
     plots: list[tuple[str, str, Figure, dict[str, Any]]] = []
 
     def curve(name: str, title: str, fields: list[str], ylabel: str, **options) -> None:
@@ -231,7 +313,7 @@ def _figures(log: RunLog, events: list[dict[str, Any]], spec_text: str | None,
     timeline, timeline_data = _timeline(log, events)
     plots.append(("timeline", "timeline", timeline, timeline_data))
     if image is not None:
-        heatmap, heatmap_data = _heatmap(image)
+        heatmap, heatmap_data = _heatmap(image, f"{run}/{FOLDER}")
         plots.append(("correlation", "cross-correlation", heatmap, heatmap_data))
     return [{"name": name, "title": title, "svg": _svg(figure), "data": data} for name, title, figure, data in plots]
 
