@@ -22,13 +22,12 @@ from service.observe.run_log import STATS, RunLog, read_run_log
 from service.spec import MAX_SPEC_BYTES, CheckpointSpec, SpecError, StorageSpec, safe_yaml
 from service.storage.checkpoint import CheckpointInfo, list_checkpoints
 from service.storage.filesystem import StorageError, explain, filesystem, is_remote, storage_errors
-from service.storage.lease import LEASE_FILE, LeaseRecord
-from service.storage.untrusted import KiB, UntrustedObject, read_bounded
+from service.storage.lease import LEASE_FILE, LEASE_LIMIT, LeaseRecord
+from service.storage.untrusted import UntrustedObject, read_bounded
 
 log = logging.getLogger("barlow")
 
 SPEC_FILE = "spec.yaml"
-MAX_LEASE_BYTES = 64 * KiB  # a lease record is ~300 bytes
 ETA_LINES = 5  # the ETA's step time: the mean over this many of the newest logged lines of the current attempt
 
 
@@ -62,7 +61,7 @@ def read_progress(run_url: str, storage: StorageSpec, now: float | None = None) 
         fs, path = filesystem(run_url, storage)
         log = read_run_log(run_url, storage)
         spec_text = _read(fs, f"{path.rstrip('/')}/{SPEC_FILE}", MAX_SPEC_BYTES, "spec")
-        lease_data = _read(fs, f"{path.rstrip('/')}/{LEASE_FILE}", MAX_LEASE_BYTES, "lease record")
+        lease_data = _read(fs, f"{path.rstrip('/')}/{LEASE_FILE}", LEASE_LIMIT, "lease record")
         if log is None and spec_text is None and lease_data is None:
             _require_bucket(run_url, fs, path)
             raise NoRun(f"{run_url}: no run here (no {STATS}, {SPEC_FILE} or {LEASE_FILE}): check the URL (a run's "
