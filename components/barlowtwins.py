@@ -90,7 +90,7 @@ def train(
         max_retries: times the scheduler recreates the job after a pod fails or its node is lost (Volcano
             RestartJob; an elastic job's lost pod alone, RestartTask); each resumes from the last checkpoint
         rdzv_port: port of the c10d rendezvous on the first node
-        env: extra environment variables, e.g. AWS_REGION=us-east-1 (no credentials: see the README)
+        env: extra environment variables, e.g. AWS_REGION=us-east-1 (no credentials: see docs/checkpoints.md)
         mounts: volumes, e.g. type=volume,src=imagenet,dst=/data/imagenet,readonly
         name: job name
     """
@@ -135,7 +135,7 @@ def evaluate(
         max_retries: times the scheduler recreates the job after a pod fails or its node is lost (Volcano
             RestartJob; an elastic job's lost pod alone, RestartTask); each resumes from the last checkpoint
         rdzv_port: port of the c10d rendezvous on the first node
-        env: extra environment variables, e.g. AWS_REGION=us-east-1 (no credentials: see the README)
+        env: extra environment variables, e.g. AWS_REGION=us-east-1 (no credentials: see docs/checkpoints.md)
         mounts: volumes, e.g. type=volume,src=imagenet,dst=/data/imagenet,readonly
         name: job name
     """
