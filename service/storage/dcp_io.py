@@ -14,6 +14,7 @@ refused, before any of it runs, as a corrupt checkpoint.
 
 from __future__ import annotations
 
+import enum
 import io
 import logging
 import os
@@ -110,7 +111,8 @@ class ForeignObject(CorruptCheckpoint):
     unpickled), or a path where a name belongs. Refused before any of it is built."""
 
 
-# Every global a DCP `.metadata` of this project's checkpoints refers to (torch 2.14), besides torch's dtypes:
+# Every global a DCP `.metadata` of this project's checkpoints refers to (torch 2.14), besides torch's dtypes and,
+# from Python 3.12 on, `builtins.getattr` for Enum members (admitted for that alone: `_enum_member`):
 # tests/unit/test_dcp_io.py lists what real checkpoints of every kind need, so a torch that adds one fails there.
 METADATA_GLOBALS = frozenset({
     ("torch.distributed.checkpoint.metadata", "Metadata"),
@@ -128,6 +130,17 @@ METADATA_GLOBALS = frozenset({
 _DTYPES = frozenset(name for name, value in vars(torch).items() if isinstance(value, torch.dtype))
 
 
+def _enum_member(cls: object, name: object) -> object:
+    """What `builtins.getattr` may do in metadata: Python >= 3.12 pickles an Enum member as getattr(its class, its
+    name). Any other use (getattr reaches a function's globals, and from there any module) is refused."""
+    if not (isinstance(cls, type) and issubclass(cls, enum.Enum)
+            and (cls.__module__, cls.__qualname__) in METADATA_GLOBALS and isinstance(name, str)
+            and name in cls.__members__):
+        raise ForeignObject(f"DCP metadata would call getattr({cls!r}, {name!r}), which only names an Enum member "
+                            "of DCP's metadata: refused")
+    return cls[name]
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def __init__(self, data: bytes, name: str):
         super().__init__(io.BytesIO(data))
@@ -136,6 +149,8 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> object:
         if (module, name) in METADATA_GLOBALS or (module == "torch" and name in _DTYPES):
             return super().find_class(module, name)
+        if (module, name) == ("builtins", "getattr"):
+            return _enum_member
         raise ForeignObject(f"{self.name} would load {module}.{name}, which DCP's metadata never holds (code, once "
                             "unpickled): refused before any of it ran")
 

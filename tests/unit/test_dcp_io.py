@@ -63,6 +63,41 @@ def test_metadata_of_allowed_classes_still_names_only_plain_objects():
             read_metadata(pickle.dumps(metadata_with(path)))
 
 
+class ByName:
+    """Pickles as `getattr(owner, name)`: how Python >= 3.12 pickles an Enum member."""
+
+    def __init__(self, owner, name):
+        self.owner, self.name = owner, name
+
+    def __reduce__(self):
+        return getattr, (self.owner, self.name)
+
+
+def test_an_enum_member_pickled_by_name_is_read_and_nothing_else_through_getattr(tmp_path):
+    """Metadata written under Python >= 3.12 (the image's) names `_MEM_FORMAT_ENCODING` members through getattr;
+    getattr may name such a member and nothing else: from a function it would reach its module's globals."""
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING, TensorProperties
+
+    properties = read_metadata_of(TensorProperties(memory_format=torch.channels_last))
+    assert properties.memory_format == torch.channels_last
+    member = ByName(_MEM_FORMAT_ENCODING, "TORCH_CHANNELS_LAST")
+    assert pickle.loads(pickle.dumps(member)) is _MEM_FORMAT_ENCODING.TORCH_CHANNELS_LAST  # the form is real
+    metadata = metadata_with()
+    metadata.planner_data = member
+    assert read_metadata(pickle.dumps(metadata)).planner_data is _MEM_FORMAT_ENCODING.TORCH_CHANNELS_LAST
+    for hostile in (ByName(_StorageInfo, "__init__"), ByName(_MEM_FORMAT_ENCODING, "__init__"),
+                    ByName(_MEM_FORMAT_ENCODING, "_member_map_")):
+        metadata.planner_data = hostile
+        with pytest.raises(ForeignObject, match="getattr"):
+            read_metadata(pickle.dumps(metadata))
+
+
+def read_metadata_of(properties):
+    metadata = metadata_with()
+    metadata.planner_data = properties
+    return read_metadata(pickle.dumps(metadata)).planner_data
+
+
 @pytest.mark.parametrize("payload, match", [
     (pickle.dumps({"not": "metadata"}), "holds a dict, not DCP metadata"),
     (b"\x80\x05garbage", "is not DCP metadata"),
