@@ -191,6 +191,8 @@ def load_item(data: io.BytesIO, fqn: str) -> object:
         reason = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0])
         raise ForeignObject(f"item {fqn}: {reason.rstrip('.')}; a checkpoint's items are data: refused before any "
                             "of it ran") from None
+    except Exception as error:  # noqa: BLE001 - bytes torch.save did not write (a truncated or foreign archive)
+        raise CorruptCheckpoint(f"item {fqn} is not what torch.save writes ({type(error).__name__})") from None
 
 
 def read_verified(fs: fsspec.AbstractFileSystem, path: str, expected: dict[str, dict[str, int]]) -> bytes:

@@ -121,6 +121,8 @@ def test_non_tensor_items_load_as_data_and_refuse_code(tmp_path):
     with pytest.raises(ForeignObject, match=r"item optimizer.param_groups.0.lr: .*posix.system"):
         load_item(buffer, "optimizer.param_groups.0.lr")
     assert not marker.exists()
+    with pytest.raises(CorruptCheckpoint, match="item optimizer.param_groups.0.lr is not what torch.save writes"):
+        load_item(io.BytesIO(b"PK\x03\x04 cut short"), "optimizer.param_groups.0.lr")
 
 
 def test_metadata_larger_than_dcp_writes_is_not_read(monkeypatch):
