@@ -22,11 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from service.checkpoint.manager import CheckpointManager  # noqa: E402
 from service.method.model import BarlowTwins  # noqa: E402
 from service.method.optim import build_lars  # noqa: E402
 from service.runtime.distributed import Worker  # noqa: E402
 from service.spec import CheckpointSpec, StorageSpec, TrainSpec  # noqa: E402
-from service.storage.checkpoint import CheckpointManager  # noqa: E402
 from service.storage.filesystem import filesystem  # noqa: E402
 from tests.support.s3_server import TEST_CREDENTIALS, S3Server  # noqa: E402
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import torch
 
+from service.checkpoint.export import load_pretrained
 from service.data.datasets import labelled_images
 from service.data.loader import Transformed
 from service.evaluation.probes import few_shot_accuracy, gathered_features, knn_accuracy, linear_accuracy
 from service.method.model import build_backbone
 from service.method.transforms import feature_pipeline
 from service.spec import TrainSpec
-from service.storage.export import load_pretrained
 
 PROBES = ("kNN (k=200)", "linear", "5-shot 1-NN")
 PRETRAINED, DEFAULT_INIT, PRETRAINING_INIT, PIXELS = "pretrained", "default init", "zero-init residual", "raw pixels"

@@ -22,6 +22,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from service.checkpoint.export import load_pretrained, write_backbone
+from service.checkpoint.manager import CheckpointManager
 from service.data.datasets import ImageFolder, LabelledImages, labelled_images, targets_of
 from service.data.errors import DataError
 from service.data.loader import CarryErrors, LoaderSettings, Transformed, checked, collate
@@ -35,8 +37,6 @@ from service.runtime import distributed
 from service.runtime.distributed import shard
 from service.runtime.precision import Precision
 from service.spec import EvaluateSpec, spec_to_yaml
-from service.storage.checkpoint import CheckpointManager
-from service.storage.export import load_pretrained, write_backbone
 from service.storage.filesystem import filesystem, is_remote
 
 log = logging.getLogger("barlow")

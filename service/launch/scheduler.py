@@ -24,8 +24,8 @@ from typing import Any, Dict, List
 
 from torchx.specs import AppDef, AppDryRunInfo, Role, runopts
 
-from components.resources import MOUNTS_METADATA, RUN_OUTPUT_METADATA, SHM_CAPABILITY, WORKERS_METADATA
 from service.launch.job_spec import SPEC_ENV
+from service.launch.resources import MOUNTS_METADATA, RUN_OUTPUT_METADATA, SHM_CAPABILITY, WORKERS_METADATA
 from service.launch.torchx_api import (
     KubernetesScheduler,
     SubmissionError,

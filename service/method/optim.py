@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from service.method import multi_tensor
+from service.runtime import multi_tensor
 
 if TYPE_CHECKING:
     from service.spec import OptimSpec

@@ -1,7 +1,7 @@
 """A run's statistics: the reference's stats.txt, TensorBoard's event files, and a progress display.
 
 stats.txt keeps the reference's format (the command line, then one JSON object per line) and its fields first;
-`service.observe.run_log` reads it back. Only the main worker writes; a remote `run.output` gets both stats.txt
+`service.reports.run_log` reads it back. Only the main worker writes; a remote `run.output` gets both stats.txt
 and the closed event files every `run.sync_every_seconds`, at each checkpoint and at the end.
 """
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from service.method import multi_tensor
+from service.runtime import multi_tensor
 
 
 class NonFiniteLoss(RuntimeError):

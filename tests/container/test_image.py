@@ -15,10 +15,10 @@ import uuid
 
 import torch
 
+from service.checkpoint.export import export_checkpoint
+from service.checkpoint.manager import list_checkpoints
 from service.method.model import build_backbone
 from service.spec import StorageSpec
-from service.storage.checkpoint import list_checkpoints
-from service.storage.export import export_checkpoint
 from service.storage.filesystem import filesystem
 from tests.support.container_engine import IMAGE, engine
 from tests.support.runs import TINY, TINY_STEPS_PER_EPOCH, resumed_step

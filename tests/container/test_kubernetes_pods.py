@@ -25,8 +25,8 @@ import pytest
 import torch
 import yaml
 
+from service.checkpoint.manager import list_checkpoints
 from service.spec import StorageSpec
-from service.storage.checkpoint import list_checkpoints
 from service.storage.filesystem import filesystem
 from tests.support.container_engine import ENGINE, IMAGE, engine
 from tests.support.runs import TINY, TINY_STEPS_PER_EPOCH, resumed_step

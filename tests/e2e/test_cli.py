@@ -5,8 +5,8 @@ import pytest
 import torch
 import torchvision
 
+from service.checkpoint.export import read_weights
 from service.spec import load_spec
-from service.storage.export import read_weights
 from tests.support.runs import events, logged_steps, run_barlow
 
 DIGITS = "specs/digits.yaml"

@@ -1,5 +1,5 @@
 """`barlow status` and `barlow runs ls` as a user types them: a run's progress read back from its storage
-(service/observe/progress.py), of a run folder written here, of the shared tiny run on S3 (tests/e2e/conftest.py)
+(service/reports/progress.py), of a run folder written here, of the shared tiny run on S3 (tests/e2e/conftest.py)
 and of copies of it, and of a Kubernetes job whose run is on S3.
 
 The expected numbers are worked out from the lines the tests write (tests/unit/test_progress.py), or read straight
@@ -15,7 +15,7 @@ import time
 import pytest
 
 from service.launch.scheduler import BarlowKubernetesScheduler
-from service.observe.progress import print_status
+from service.reports.progress import print_status
 from service.spec import StorageSpec
 from service.storage.filesystem import filesystem
 from tests.support.runs import S3_ENV, copy_tree, events, logged_steps, run_barlow
@@ -122,8 +122,8 @@ def test_runs_ls_on_s3_a_finished_and_a_running_run(tiny_run, s3_server, s3_buck
 ])
 def test_a_missing_run_or_bucket_is_one_line_and_exit_2(s3_server, s3_bucket, tmp_path, capsys, arguments, cause,
                                                         typed):
-    """Through service.cli.main, the executable's entry point, and (`typed`) through the executable too."""
-    from service.cli import main
+    """Through service.cli.main.main, the executable's entry point, and (`typed`) through the executable too."""
+    from service.cli.main import main
 
     arguments = [argument.format(tmp=tmp_path, bucket=s3_bucket) for argument in arguments]
     results = [(main([*arguments, "--endpoint-url", s3_server.endpoint_url]), *capsys.readouterr())]

@@ -21,9 +21,9 @@ import pytest
 import torch
 import torchvision
 
+from service.checkpoint.export import read_weights
+from service.checkpoint.manager import list_checkpoints
 from service.spec import StorageSpec
-from service.storage.checkpoint import list_checkpoints
-from service.storage.export import read_weights
 from tests.support.runs import BIN, DIGITS, ROOT, SHARED, environment, resumed_step, stats_records, step_losses
 
 ON_PATH = {"PATH": f"{BIN}:{os.environ['PATH']}"}  # torchx's local_cwd scheduler starts `torchrun` from the PATH

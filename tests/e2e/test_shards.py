@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import main
+from service.cli.main import main
 from service.data.datasets import ImageFolder
 from service.data.errors import DataError
 from service.data.pack import PARTS

@@ -10,9 +10,9 @@ import subprocess
 import pytest
 import torch
 
+from service.checkpoint.export import read_weights
+from service.checkpoint.manager import list_checkpoints
 from service.spec import StorageSpec
-from service.storage.checkpoint import list_checkpoints
-from service.storage.export import read_weights
 from tests.support.runs import (
     BIN,
     DIGITS,

@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.cli import main
+from service.checkpoint.export import checkpoint_backbone, read_weights
+from service.checkpoint.manager import list_checkpoints, verify_checkpoint
+from service.cli.main import main
 from service.spec import StorageSpec
-from service.storage.checkpoint import list_checkpoints, verify_checkpoint
-from service.storage.export import checkpoint_backbone, read_weights
 from service.storage.filesystem import filesystem
 from tests.support.runs import (
     LOCAL,
@@ -48,7 +48,7 @@ def barlow(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def cli(capsys, *args: str) -> subprocess.CompletedProcess:
-    """`barlow ARGS` through service.cli.main in this process: its exit code and what it printed. The barlow logger
+    """`barlow ARGS` through service.cli.main.main in this process: its exit code and what it printed. The barlow logger
     is left as it was (main points it at the captured standard error)."""
     logger = logging.getLogger("barlow")
     state = logger.handlers[:], logger.level, logger.propagate
@@ -108,7 +108,7 @@ def test_corrupt_newest_checkpoints_are_reported_never_exported_and_the_run_ends
         copy_of_reference, local_run, tmp_path, capsys):
     """Each of a checkpoint's two kinds of object is checked: the newest checkpoint's metadata and the data of the one
     before are corrupted, and the rerun falls back past both to step 8. The listings and exports go through
-    service.cli.main, the executable's entry point, in this process (the rerun through the executable)."""
+    service.cli.main.main, the executable's entry point, in this process (the rerun through the executable)."""
     url, storage, endpoint = copy_of_reference
     victims = {16: ".metadata", 12: "__0_0.distcp"}
     for step, victim in victims.items():

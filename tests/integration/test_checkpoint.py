@@ -23,15 +23,15 @@ import pytest
 import torch
 from s3fs import S3FileSystem
 
-from service.cli import main
-from service.spec import ModelSpec, StorageSpec
-from service.storage import dcp_io
-from service.storage.checkpoint import (
+from service.checkpoint import dcp_io
+from service.checkpoint.manager import (
     CheckpointError,
     inspect_checkpoint,
     list_checkpoints,
     verify_checkpoint,
 )
+from service.cli.main import main
+from service.spec import ModelSpec, StorageSpec
 from service.storage.filesystem import filesystem
 from tests.support.runs import ROOT
 from tests.support.s3_proxy import S3Proxy
@@ -291,7 +291,7 @@ def test_unusable_storage_is_one_clear_error_without_secrets(case, s3_server, aw
 
 KILLED_SAVE = """
 import sys, torch
-from service.storage import dcp_io
+from service.checkpoint import dcp_io
 state = {{"big": torch.randn(64, 1024, 1024)}}  # 256 MiB: several seconds to upload to the test server
 dcp_io.save(state, "{url}", {{"endpoint_url": "{endpoint}"}})
 """
@@ -489,7 +489,7 @@ def test_resume_compares_recipes(saved_file, change, allowed, refused):
 
 
 def test_a_run_whose_lease_was_taken_over_commits_nothing(run_url, request, caplog):
-    from service.storage.lease import Lease
+    from service.run.lease import Lease
 
     storage = storage_for(run_url, request)
     first = Training(run_url, storage)

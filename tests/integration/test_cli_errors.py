@@ -1,4 +1,4 @@
-"""What `barlow` says when storage cannot be used, its entry point (service.cli.main) called in this process
+"""What `barlow` says when storage cannot be used, its entry point (service.cli.main.main) called in this process
 against moto S3 servers: one `barlow: URL: cause` line on standard error, exit status 2, no traceback, no secret,
 and nothing created on the way (no bucket). Each command runs with the test credentials (or none) in its environment
 and nothing from this machine's AWS configuration. tests/e2e/test_cli_errors.py runs the real executable for each

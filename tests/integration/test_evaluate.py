@@ -143,9 +143,9 @@ def test_torch_hub_returns_the_trained_classifier_and_the_backbone(random_backbo
 
 
 def test_torch_hub_resnet50_returns_an_exported_backbone(tmp_path):
+    from service.checkpoint.export import backbone_state_dict
     from service.method.model import BarlowTwins
     from service.spec import ModelSpec
-    from service.storage.export import backbone_state_dict
 
     torch.manual_seed(2)
     trained = BarlowTwins(ModelSpec(backbone="resnet50", projector="64-64"))  # the reference's backbone

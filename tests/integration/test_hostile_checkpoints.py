@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.cli import main
+from service.cli.main import main
 from tests.support.runs import train_args
 
 NEWEST, PREVIOUS = "step-000000016", "step-000000012"

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
+from service.run.lease import Lease
 from service.spec import StorageSpec
 from service.storage.filesystem import StorageError
-from service.storage.lease import Lease
 from tests.support.lease_cases import LeaseCases, foreign_record, stored_record, write_lease
 from tests.support.runs import ROOT
 from tests.support.s3_server import TEST_CREDENTIALS
@@ -30,7 +30,7 @@ class TestS3Store(LeaseCases):
 # "held MESSAGE". It stays alive, a live holder of what it won, until its input ends.
 RACER = """
 import sys
-from service.storage.lease import Lease, LeaseHeld
+from service.run.lease import Lease, LeaseHeld
 from service.spec import StorageSpec
 from service.storage.filesystem import filesystem
 job = sys.argv[1]

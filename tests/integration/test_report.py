@@ -1,4 +1,4 @@
-"""barlow report's page (service/observe/report.py) in process, on the S3 server: the newest cross-correlation image
+"""barlow report's page (service/reports/report.py) in process, on the S3 server: the newest cross-correlation image
 that a resume kept, and a folder without stats.txt refused. The figures' data are read back from the page's JSON."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.observe.report import write_report
 from service.observe.stats import CORRELATION_TAG
 from service.observe.tensorboard import POSITIVE, ZERO, EventFiles, correlation_colors
+from service.reports.report import write_report
 from service.spec import StorageSpec
 from service.storage.filesystem import StorageError, filesystem
 

@@ -3,7 +3,7 @@
 (parsed by torchrun's own parser), its environment, the spec it ships.
 
 Both CLIs run either as the real executables in a subprocess (`executable=True`) or in this process through the
-same entry points (`torchx.cli.main.main`, `service.cli.main`). In this process the arguments take the same way
+same entry points (`torchx.cli.main.main`, `service.cli.main.main`). In this process the arguments take the same way
 as in the executable: torchx's CLI parses the component's arguments from its signature and hands Optional[int]
 ones over as strings ("8"); only calling the component from Python would not show that. What the subprocess adds
 (the exit status of the executable, stderr as a user sees it, the import of the entry point) the tests in
@@ -118,12 +118,12 @@ def torchx(*argv: str, cwd: Path = ROOT, env: dict | None = None, executable: bo
 
 def barlow(*argv: str, cwd: Path = ROOT, env: dict | None = None, executable: bool = False,
            timeout: float = 300) -> Result:
-    """`barlow ARGV`: the executable (a run past `timeout` fails), or service.cli.main in this process; never a
+    """`barlow ARGV`: the executable (a run past `timeout` fails), or service.cli.main.main in this process; never a
     cluster. `env` adds to this process's environment (None: unset)."""
     env = {**NO_CLUSTER, **(env or {})}
     if executable:
         return _subprocess([BARLOW, *argv], cwd, env, timeout)
-    from service.cli import main
+    from service.cli.main import main
 
     return _in_process(main, list(argv), cwd, env, logging.WARNING)  # Python's last-resort handler
 

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
+from service.run.lease import Lease, LeaseHeld, LeaseLost, LeaseRecord
 from service.spec import StorageSpec
 from service.storage.filesystem import filesystem
-from service.storage.lease import Lease, LeaseHeld, LeaseLost, LeaseRecord
 
 
 def stored_record(run_url: str, storage: StorageSpec) -> LeaseRecord | None:

@@ -6,7 +6,7 @@ point: what a crashing worker leaves in torchrun's error file (tests/test_logs.p
 
 import sys
 
-import service.trainer
+import service.train.trainer
 from service.__main__ import main
 
 
@@ -14,5 +14,5 @@ def _train(*args, **kwargs):
     raise RuntimeError("boom at step 3")
 
 
-service.trainer._train = _train
+service.train.trainer._train = _train
 sys.exit(main())

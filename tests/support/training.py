@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
+from service.checkpoint.manager import CheckpointManager
 from service.method.model import BarlowTwins
 from service.method.optim import build_lars
 from service.runtime.distributed import Worker
 from service.spec import CheckpointSpec, ModelSpec, StorageSpec, TrainSpec
-from service.storage.checkpoint import CheckpointManager
 
 MODEL = ModelSpec(backbone="resnet18", stem="cifar", projector="32-16")
 WORKER = Worker(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))

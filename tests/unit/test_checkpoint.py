@@ -1,10 +1,9 @@
-"""Which recipe changes a resume refuses (service/storage/recipe.py, as the checkpoint manager asks it), and the
+"""Which recipe changes a resume refuses (service/spec/recipe.py, as the checkpoint manager asks it), and the
 spec's check of checkpoint.allow_changes. The manager against real storage: tests/integration/test_checkpoint.py."""
 
 import pytest
 
-from service.spec import SpecError, TrainSpec, load_spec
-from service.storage import recipe
+from service.spec import SpecError, TrainSpec, load_spec, recipe
 from tests.support.runs import DIGITS, ROOT
 from tests.support.training import MODEL
 

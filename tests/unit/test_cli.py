@@ -1,4 +1,4 @@
-"""The `barlow` command line in process (service.cli.main, the executable's entry point): validate, schema, and the
+"""The `barlow` command line in process (service.cli.main.main, the executable's entry point): validate, schema, and the
 error of a device the machine lacks."""
 
 import json
@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from service.cli import main
+from service.cli.main import main
 from service.spec import load_spec
 from tests.support.runs import DIGITS, ROOT
 

@@ -11,8 +11,8 @@ import time
 import fsspec
 import pytest
 
+from service.run.lease import Lease, LeaseHeld, LeaseRecord, current_job_id
 from service.spec import StorageSpec
-from service.storage.lease import Lease, LeaseHeld, LeaseRecord, current_job_id
 from tests.support.lease_cases import LeaseCases, foreign_record, write_lease
 
 

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-from service.cli import main
+from service.cli.main import main
 from service.observe.logs import configure_logging, record_user_error, set_step
 
 LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "KUBERNETES_SERVICE_HOST", "TORCHELASTIC_ERROR_FILE")

@@ -5,10 +5,10 @@ import torch
 import torchvision
 from torch import nn
 
+from service.checkpoint.export import backbone_state_dict
 from service.method.batchnorm import GlobalBatchNorm, convert_sync_batchnorm
 from service.method.model import BarlowTwins, build_backbone, build_projector
 from service.spec import ModelSpec
-from service.storage.export import backbone_state_dict
 
 
 def test_projector_layers_follow_the_reference():

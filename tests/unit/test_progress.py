@@ -1,4 +1,4 @@
-"""A run's progress read back from its storage (service/observe/progress.py), in process: the states, the ETA and
+"""A run's progress read back from its storage (service/reports/progress.py), in process: the states, the ETA and
 the numbers of run folders written here, and where a job's run is. `barlow status` and `barlow runs ls` as typed are
 tests/e2e/test_progress.py's.
 
@@ -16,7 +16,7 @@ import pytest
 
 from components.barlowtwins import train as train_component
 from service.launch.scheduler import BarlowKubernetesScheduler
-from service.observe.progress import NoRun, print_status, read_progress
+from service.reports.progress import NoRun, print_status, read_progress
 from service.spec import StorageSpec
 
 WALL_1, WALL_2 = 1_700_000_000.0, 1_700_010_000.0  # the two attempts' start times

@@ -16,8 +16,8 @@ from pydantic import BaseModel, ValidationError
 
 import components.barlowtwins as barlowtwins
 from service import cli
+from service.credentials import is_credential_key, redact_arguments
 from service.spec import MAX_SPEC_VALUES, EvaluateSpec, SpecError, StorageSpec, TrainSpec, load_spec
-from service.storage.redaction import is_credential_key, redact_arguments
 from tests.support.commands import barlow, torchx
 from tests.support.user_errors import alias_bomb
 
@@ -250,7 +250,7 @@ def test_redact_arguments(args, expected):
 
 def test_train_and_evaluate_record_the_command_redacted(monkeypatch, capsys):
     import service.evaluation.evaluate
-    import service.trainer
+    import service.train.trainer
 
     recorded = {}
 
@@ -260,7 +260,7 @@ def test_train_and_evaluate_record_the_command_redacted(monkeypatch, capsys):
             raise SpecError("stopped by the test")
         return run
 
-    monkeypatch.setattr(service.trainer, "train", recording("train"))
+    monkeypatch.setattr(service.train.trainer, "train", recording("train"))
     monkeypatch.setattr(service.evaluation.evaluate, "evaluate", recording("evaluate"))
     # The spec refuses these values itself; the redaction is the second line, so the spec is loaded without them.
     monkeypatch.setattr(cli, "load_spec", lambda path, overrides, **kwargs: load_spec(path, [], **kwargs))

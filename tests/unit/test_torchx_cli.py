@@ -63,7 +63,7 @@ def test_every_argument_is_covered_here(component):
 
 
 def test_barlow_submit_has_an_option_for_every_argument():
-    from service.cli import COMPONENT_ARGUMENTS, _parser
+    from service.cli.main import COMPONENT_ARGUMENTS, _parser
 
     submit = _parser().parse_args(["submit", "s.yaml", "--scheduler", "kubernetes"])
     assert {"spec", "overrides", *COMPONENT_ARGUMENTS} == set(EVERY_ARGUMENT)

@@ -14,8 +14,8 @@ from service.data.pack import _is_part
 from service.data.shards import ShardIndex, shard_key
 from service.launch.job_spec import SPEC_ENV
 from service.launch.scheduler import BarlowKubernetesScheduler
-from service.observe.report import MAX_RECORD_BYTES, check_records
-from service.observe.run_log import line_problem, parse_lines
+from service.reports.report import MAX_RECORD_BYTES, check_records
+from service.reports.run_log import line_problem, parse_lines
 from service.spec import SpecError
 from service.storage.untrusted import UntrustedObject, split_lines
 

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from service.checkpoint.export import export_backbone, exported_weights_url
+from service.checkpoint.manager import CheckpointManager, checkpoint_name, checkpoints_url
 from service.data.datasets import labelled_images
 from service.data.loader import LoaderSettings, SkippedSamples, checked, two_view_loader
 from service.evaluation.knn_monitor import KnnMonitor
@@ -34,8 +36,6 @@ from service.runtime.guard import NonFiniteGuard, NonFiniteLoss
 from service.runtime.precision import Precision
 from service.runtime.preemption import Preemption
 from service.spec import DdpSpec, LossSpec, TrainSpec
-from service.storage.checkpoint import CheckpointManager, checkpoint_name, checkpoints_url
-from service.storage.export import export_backbone, exported_weights_url
 
 log = logging.getLogger("barlow")
 

@@ -7,8 +7,8 @@ from torch import nn
 
 from service.method.model import BarlowTwins
 from service.spec import ModelSpec, StorageSpec, TrainSpec, spec_to_yaml
-from service.storage.checkpoint import CheckpointError, inspect_checkpoint, list_checkpoints
-from service.storage.dcp_io import CorruptCheckpoint, load
+from service.checkpoint.manager import CheckpointError, inspect_checkpoint, list_checkpoints
+from service.checkpoint.dcp_io import CorruptCheckpoint, load
 from service.storage.filesystem import StorageError, explain, filesystem, fsspec_options, is_remote, storage_errors
 
 

@@ -9,7 +9,7 @@ and deleted once a newer checkpoint is committed.
 Nothing is trusted unread: restoring and exporting check every object against the manifest as it is read, and a
 checkpoint that fails is never loaded; restore falls back to the newest one that verifies. Retention counts as
 newer only checkpoints this run verified (committed itself or restored from), so it never deletes the newest good
-one. A state with non-finite values is never written. One run owns `RUN` through its lease (service/storage/lease.py).
+one. A state with non-finite values is never written. One run owns `RUN` through its lease (service/run/lease.py).
 
 Saving blocks training only while the state is copied to host memory; the upload, the manifest and the retention
 run in one background thread (at most one save in flight). Under DDP the checkpoint's collectives use their own
@@ -37,10 +37,11 @@ from typing_extensions import NotRequired, TypedDict
 
 from service.runtime.distributed import Worker, new_cpu_group
 from service.spec import CheckpointSpec, StorageSpec
-from service.storage import dcp_io, recipe
-from service.storage.dcp_io import CorruptCheckpoint
+from service.checkpoint import dcp_io
+from service.spec import recipe
+from service.checkpoint.dcp_io import CorruptCheckpoint
 from service.storage.filesystem import StorageError, check_writable, explain, filesystem, fsspec_options, retry
-from service.storage.lease import Lease, LeaseHeld, current_job_id
+from service.run.lease import Lease, LeaseHeld, current_job_id
 from service.storage.untrusted import MiB, UntrustedObject, parse_json, read_bounded
 
 log = logging.getLogger("barlow")

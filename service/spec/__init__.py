@@ -32,8 +32,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from service.storage.recipe import flatten, unknown_names
-from service.storage.redaction import has_url_userinfo, is_credential_key, redact_value
+from service.credentials import has_url_userinfo, is_credential_key, redact_value
+from service.spec.recipe import flatten, unknown_names
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -24,12 +24,13 @@ import os
 import shlex
 import sys
 
+from service.credentials import redact_arguments
+
 # torch and the training modules are imported where a command needs them: `barlow submit`, `validate` and
 # `schema` start in a fraction of the time
 from service.observe.logs import configure_logging, record_user_error
 from service.spec import EvaluateSpec, SpecError, StorageSpec, json_schema, load_spec, spec_kind, spec_to_yaml
 from service.storage.filesystem import StorageError, explain, require_exists, storage_errors
-from service.storage.redaction import redact_arguments
 
 log = logging.getLogger("barlow")
 
@@ -224,7 +225,7 @@ def _storage(args: argparse.Namespace) -> StorageSpec:
 
 def _print_checkpoints(run: str, storage: StorageSpec, verify: bool) -> int:
     """The run's checkpoints, one row each; with `verify`, every byte checked. 1 when a checkpoint fails it."""
-    from service.storage.checkpoint import list_checkpoints, verify_checkpoint
+    from service.checkpoint.manager import list_checkpoints, verify_checkpoint
 
     rows = [("STEP", "EPOCH", "BATCH", "SIZE", "CREATED", "RUN", "STATUS")]
     corrupt = False
@@ -300,9 +301,9 @@ def _evaluate(args: argparse.Namespace, argv: list[str] | None) -> int:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """What a user's input causes: one line and exit 2. Evaluated only when an exception reaches main."""
+    from service.checkpoint.manager import CheckpointError
     from service.data.errors import DataError
     from service.runtime.guard import NonFiniteLoss
-    from service.storage.checkpoint import CheckpointError
 
     return SpecError, DataError, NonFiniteLoss, StorageError, CheckpointError, ValueError
 
@@ -324,15 +325,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("logs", "cancel"):
             return _manage(args)
         if args.command == "status":
-            from service.observe.progress import print_status
+            from service.reports.progress import print_status
 
             return print_status(args.target, _storage(args))
         if args.command == "runs":
-            from service.observe.progress import print_runs
+            from service.reports.progress import print_runs
 
             return print_runs(args.url, _storage(args))
         if args.command == "report":
-            from service.observe.report import write_report
+            from service.reports.report import write_report
 
             print(write_report(args.run, args.output, _storage(args)))
             return 0
@@ -341,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "checkpoints":
             return _print_checkpoints(args.run, _storage(args), args.verify)
         if args.command == "export":
-            from service.storage.export import export_checkpoint
+            from service.checkpoint.export import export_checkpoint
 
             backbone = export_checkpoint(args.checkpoint, args.out, _storage(args))
             print(f"wrote {args.out}: {len(backbone)} tensors of the backbone, torchvision key names, no fc")
@@ -353,8 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "evaluate":
             return _evaluate(args, argv)
         if args.command == "compare":
+            from service.checkpoint.export import exported_weights_url
             from service.evaluation.compare import compare, format_table
-            from service.storage.export import exported_weights_url
 
             spec = load_spec(args.spec, args.overrides)
             weights = args.weights or exported_weights_url(spec)
@@ -363,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             print(format_table(compare(spec, weights)))
             return 0
         from service.runtime import distributed
-        from service.trainer import train
+        from service.train.trainer import train
 
         spec = load_spec(args.spec, args.overrides, world_size=distributed.launched_world_size())
         configure_logging(spec.run.log_format)

@@ -18,11 +18,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from service.observe.run_log import STATS, RunLog, read_run_log
+from service.checkpoint.manager import CheckpointInfo, list_checkpoints
+from service.reports.run_log import STATS, RunLog, read_run_log
+from service.run.lease import LEASE_FILE, LEASE_LIMIT, LeaseRecord
 from service.spec import MAX_SPEC_BYTES, CheckpointSpec, SpecError, StorageSpec, safe_yaml
-from service.storage.checkpoint import CheckpointInfo, list_checkpoints
 from service.storage.filesystem import StorageError, explain, filesystem, is_remote, storage_errors
-from service.storage.lease import LEASE_FILE, LEASE_LIMIT, LeaseRecord
 from service.storage.untrusted import UntrustedObject, read_bounded
 
 log = logging.getLogger("barlow")

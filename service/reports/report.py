@@ -35,11 +35,11 @@ from matplotlib.figure import Figure
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
 
-from service.observe.run_log import RunLog, read_run_log
+from service.checkpoint.manager import CheckpointInfo, list_checkpoints
 from service.observe.stats import CORRELATION_TAG
 from service.observe.tensorboard import EVENT_FILES, FOLDER, NEGATIVE, POSITIVE, ZERO
+from service.reports.run_log import RunLog, read_run_log
 from service.spec import MAX_SPEC_BYTES, SpecError, StorageSpec, safe_yaml
-from service.storage.checkpoint import CheckpointInfo, list_checkpoints
 from service.storage.filesystem import StorageError, filesystem, require_exists
 from service.storage.untrusted import MiB, UntrustedObject, checked_name, read_bounded
 
