@@ -24,10 +24,11 @@ from torchx import specs
 from torchx.specs import macros
 
 from service.credentials import credential_key, has_url_userinfo, is_credential_key
+from service.errors import SpecError
 from service.launch.job_spec import resolve_job_spec
 from service.launch.resources import MOUNTS_METADATA, RUN_OUTPUT_METADATA, SHM_CAPABILITY, WORKERS_METADATA
 from service.launch.torchx_api import SubmissionError
-from service.spec import EvaluateSpec, SpecError, TrainSpec
+from service.spec import EvaluateSpec, TrainSpec
 
 DEFAULT_IMAGE = "barlowtwins-service:latest"
 # Without a named resource, a node's share is sized from its GPUs (torchx's default, 2 CPUs and 1 GiB, is no

@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from service.errors import CheckpointError, StorageError
 from service.method.model import BarlowTwins
 from service.spec import ModelSpec, StorageSpec, TrainSpec, spec_to_yaml
-from service.checkpoint.manager import CheckpointError, inspect_checkpoint, list_checkpoints
+from service.checkpoint.manager import inspect_checkpoint, list_checkpoints
 from service.checkpoint.dcp_io import CorruptCheckpoint, load
-from service.storage.filesystem import StorageError, explain, filesystem, fsspec_options, is_remote, storage_errors
+from service.storage.filesystem import explain, filesystem, fsspec_options, is_remote, storage_errors
 
 
 def backbone_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

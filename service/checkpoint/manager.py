@@ -35,12 +35,13 @@ from pydantic import ConfigDict, TypeAdapter, ValidationError, with_config
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from typing_extensions import NotRequired, TypedDict
 
+from service.errors import CheckpointError, StorageError
 from service.runtime.distributed import Worker, new_cpu_group
 from service.spec import CheckpointSpec, StorageSpec
 from service.checkpoint import dcp_io
 from service.spec import recipe
 from service.checkpoint.dcp_io import CorruptCheckpoint
-from service.storage.filesystem import StorageError, check_writable, explain, filesystem, fsspec_options, retry
+from service.storage.filesystem import check_writable, explain, filesystem, fsspec_options, retry
 from service.run.lease import Lease, LeaseHeld, current_job_id
 from service.storage.untrusted import MiB, UntrustedObject, parse_json, read_bounded
 
@@ -93,10 +94,6 @@ def read_manifest(fs, path: str) -> dict:
     for entry in checked["objects"]:
         dcp_io.checked_name_of(entry["name"], path)
     return checked
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used for this run; the message says why and what to do."""
 
 
 def checkpoint_name(step: int) -> str:

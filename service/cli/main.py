@@ -28,9 +28,10 @@ from service.credentials import redact_arguments
 
 # torch and the training modules are imported where a command needs them: `barlow submit`, `validate` and
 # `schema` start in a fraction of the time
+from service.errors import SpecError, StorageError, UserError
 from service.observe.logs import configure_logging, record_user_error
-from service.spec import EvaluateSpec, SpecError, StorageSpec, json_schema, load_spec, spec_kind, spec_to_yaml
-from service.storage.filesystem import StorageError, explain, require_exists, storage_errors
+from service.spec import EvaluateSpec, StorageSpec, json_schema, load_spec, spec_kind, spec_to_yaml
+from service.storage.filesystem import explain, require_exists, storage_errors
 
 log = logging.getLogger("barlow")
 
@@ -299,15 +300,6 @@ def _evaluate(args: argparse.Namespace, argv: list[str] | None) -> int:
     return 0
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """What a user's input causes: one line and exit 2. Evaluated only when an exception reaches main."""
-    from service.checkpoint.manager import CheckpointError
-    from service.data.errors import DataError
-    from service.runtime.guard import NonFiniteLoss
-
-    return SpecError, DataError, NonFiniteLoss, StorageError, CheckpointError, ValueError
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_logging()
@@ -383,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"done: {result.steps} steps; stats {result.output}/stats.txt; backbone {result.weights}; "
                       f"spec {result.output}/spec.yaml; checkpoints {result.output}/checkpoints")
         return 0
-    except _user_errors() as error:
+    except UserError as error:
         print(f"barlow: {error}", file=sys.stderr)
         record_user_error(f"barlow: {error}")
         return 2

@@ -14,9 +14,10 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from service.data.errors import DataError, SampleError
+from service.data.errors import SampleError
 from service.data.shard_cache import ShardCache
 from service.data.shard_reader import ShardedImages, split_url
+from service.errors import DataError
 from service.spec import DataSpec, EvalDataSpec, StorageSpec
 from service.storage.filesystem import fsspec_options
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-
-class DataError(RuntimeError):
-    """The data set cannot be read as the spec says; the message says what to do."""
+from service.errors import DataError
 
 
 class SampleError(DataError):

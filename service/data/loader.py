@@ -19,13 +19,13 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.transforms import v2
 
-from service.data.errors import DataError, SampleError
+from service.data.errors import SampleError
 from service.data.seeds import Stream, derived_seed
 from service.data.shard_reader import ShardedImages
+from service.errors import DataError, SpecError, StorageError
 from service.runtime.distributed import shard
 from service.runtime.machine import Machine
-from service.spec import DataSpec, EvalDataSpec, SpecError
-from service.storage.filesystem import StorageError
+from service.spec import DataSpec, EvalDataSpec
 
 log = logging.getLogger("barlow")
 MAX_AUTO_WORKERS = 16  # more processes than this add memory and start-up time faster than images per second

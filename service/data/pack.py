@@ -27,8 +27,8 @@ import torchvision
 from tqdm import tqdm
 
 from service.data.datasets import digits_is_test, regular_image_file
-from service.data.errors import DataError
 from service.data.shards import INDEX, MAX_INDEX_BYTES, ShardIndex, shard_key
+from service.errors import DataError
 from service.spec import StorageSpec
 from service.storage.filesystem import filesystem, is_remote
 from service.storage.untrusted import KiB, UntrustedObject, parse_json, read_bounded

@@ -26,11 +26,12 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from service.data.errors import DataError, SampleError
+from service.data.errors import SampleError
 from service.data.shard_cache import ShardCache
 from service.data.shards import INDEX, MAX_INDEX_BYTES, ShardIndex
+from service.errors import DataError, StorageError
 from service.spec import StorageSpec
-from service.storage.filesystem import StorageError, explain, filesystem, fsspec_options
+from service.storage.filesystem import explain, filesystem, fsspec_options
 from service.storage.untrusted import read_bounded
 
 log = logging.getLogger("barlow")

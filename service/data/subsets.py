@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.data.errors import DataError
+from service.errors import DataError
 from service.spec import StorageSpec
 from service.storage.filesystem import filesystem
 

@@ -25,10 +25,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from service.checkpoint.export import load_pretrained, write_backbone
 from service.checkpoint.manager import CheckpointManager
 from service.data.datasets import ImageFolder, LabelledImages, labelled_images, targets_of
-from service.data.errors import DataError
 from service.data.loader import CarryErrors, LoaderSettings, Transformed, checked, collate
 from service.data.shard_reader import ShardedImages
 from service.data.subsets import balanced_indices, indices_from_list, read_subset_list
+from service.errors import DataError
 from service.evaluation.probes import gathered_features, knn_scores, topk_correct
 from service.method.model import BACKBONE_FEATURES, build_backbone
 from service.method.transforms import classification_pipelines

@@ -13,10 +13,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from service.errors import SpecError
 from service.spec import (
     SPEC_ENV_PREFIX,
     EvaluateSpec,
-    SpecError,
     TrainSpec,
     kind_of,
     load_spec,

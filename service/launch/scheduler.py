@@ -24,6 +24,7 @@ from typing import Any, Dict, List
 
 from torchx.specs import AppDef, AppDryRunInfo, Role, runopts
 
+from service.errors import JobError
 from service.launch.job_spec import SPEC_ENV
 from service.launch.resources import MOUNTS_METADATA, RUN_OUTPUT_METADATA, SHM_CAPABILITY, WORKERS_METADATA
 from service.launch.torchx_api import (
@@ -212,18 +213,18 @@ class BarlowKubernetesScheduler(KubernetesScheduler):
                 group="batch.volcano.sh", version="v1alpha1", namespace=namespace, plural="jobs", name=name)
         except (ApiException, HTTPError) as error:
             detail = getattr(error, "reason", None) or (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise ValueError(f"job {app_id}: the Kubernetes API refused or could not be reached ({detail}); check "
+            raise JobError(f"job {app_id}: the Kubernetes API refused or could not be reached ({detail}); check "
                              "kubectl's context ($KUBECONFIG or ~/.kube/config) and the job's namespace") from None
         container = job["spec"]["tasks"][0]["template"]["spec"]["containers"][0]
         text = next((item.get("value") for item in container.get("env") or [] if item["name"] == SPEC_ENV), None)
         if not text:
             return None
         if len(text) > MAX_SPEC_BYTES:
-            raise ValueError(f"job {app_id}: its {SPEC_ENV} is larger than a spec ({MAX_SPEC_BYTES:,} bytes)")
+            raise JobError(f"job {app_id}: its {SPEC_ENV} is larger than a spec ({MAX_SPEC_BYTES:,} bytes)")
         spec = safe_yaml(text, f"job {app_id}'s {SPEC_ENV}")
         run = spec.get("run") if isinstance(spec, dict) else None
         if not isinstance(run, dict) or not isinstance(run.get("output"), str):
-            raise ValueError(f"job {app_id}: its {SPEC_ENV} is not a spec with a run.output")
+            raise JobError(f"job {app_id}: its {SPEC_ENV} is not a spec with a run.output")
         return run["output"], StorageSpec.model_validate(spec.get("storage") or {})
 
 

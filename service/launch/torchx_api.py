@@ -18,6 +18,8 @@ from torchx.schedulers.kubernetes_scheduler import KubernetesScheduler as _Kuber
 from torchx.schedulers.kubernetes_scheduler import sanitize_for_serialization as _sanitize_for_serialization
 from torchx.specs.finder import ComponentValidationException
 
+from service.errors import UserError
+
 __all__ = ["KubernetesScheduler", "SubmissionError", "apply_torchxconfig", "component_defaults", "dryrun_app",
            "dryrun_cfg", "images_to_push", "run_option", "to_plain_objects"]
 
@@ -60,7 +62,7 @@ def dryrun_app(dryrun_info: Any) -> Any:
     return dryrun_info._app
 
 
-class SubmissionError(ComponentValidationException, ValueError):
+class SubmissionError(ComponentValidationException, UserError, ValueError):
     """A job that must not be created: `torchx run` prints this one message and exits 1 (its CLI catches
     ComponentValidationException and nothing else without a traceback); `barlow submit` prints it and exits 2."""
 

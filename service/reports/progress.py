@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.checkpoint.manager import CheckpointInfo, list_checkpoints
+from service.errors import JobError, SpecError, StorageError
 from service.reports.run_log import STATS, RunLog, read_run_log
 from service.run.lease import LEASE_FILE, LEASE_LIMIT, LeaseRecord
-from service.spec import MAX_SPEC_BYTES, CheckpointSpec, SpecError, StorageSpec, safe_yaml
-from service.storage.filesystem import StorageError, explain, filesystem, is_remote, storage_errors
+from service.spec import MAX_SPEC_BYTES, CheckpointSpec, StorageSpec, safe_yaml
+from service.storage.filesystem import explain, filesystem, is_remote, storage_errors
 from service.storage.untrusted import UntrustedObject, read_bounded
 
 log = logging.getLogger("barlow")
@@ -123,7 +124,7 @@ def print_status(target: str, storage: StorageSpec) -> int:
 
     status = get_runner().status(target)
     if status is None:
-        raise ValueError(f"{target}: no such job (the {scheduler} scheduler does not know it)")
+        raise JobError(f"{target}: no such job (the {scheduler} scheduler does not know it)")
     print(status)
     if scheduler != "kubernetes":
         print(f"the run's progress: barlow status RUN_URL (the job's run.output; the {scheduler} scheduler keeps no "

@@ -36,11 +36,12 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
 
 from service.checkpoint.manager import CheckpointInfo, list_checkpoints
+from service.errors import SpecError, StorageError
 from service.observe.stats import CORRELATION_TAG
 from service.observe.tensorboard import EVENT_FILES, FOLDER, NEGATIVE, POSITIVE, ZERO
 from service.reports.run_log import RunLog, read_run_log
-from service.spec import MAX_SPEC_BYTES, SpecError, StorageSpec, safe_yaml
-from service.storage.filesystem import StorageError, filesystem, require_exists
+from service.spec import MAX_SPEC_BYTES, StorageSpec, safe_yaml
+from service.storage.filesystem import filesystem, require_exists
 from service.storage.untrusted import MiB, UntrustedObject, checked_name, read_bounded
 
 log = logging.getLogger("barlow")

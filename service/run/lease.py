@@ -41,8 +41,9 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from service.errors import StorageError
 from service.spec import StorageSpec
-from service.storage.filesystem import StorageError, explain, filesystem
+from service.storage.filesystem import explain, filesystem
 
 log = logging.getLogger("barlow")
 

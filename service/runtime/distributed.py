@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from service.spec import SpecError
+from service.errors import SpecError
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,6 @@ import torch
 from service.runtime import multi_tensor
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss or the gradients stopped being finite: the run stops without saving anything after that step."""
-
-
 class NonFiniteGuard:
     """Checks every step, on the device and without a host sync, that the loss and the gradients are finite.
 

@@ -33,14 +33,11 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from service.credentials import has_url_userinfo, is_credential_key, redact_value
+from service.errors import SpecError
 from service.spec.recipe import flatten, unknown_names
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class SpecError(ValueError):
-    """A spec that cannot be used, with a message that says how to fix it."""
 
 
 def _auto_count(least: int) -> BeforeValidator:
@@ -601,7 +598,8 @@ def read_spec_text(source: str, overrides: Sequence[str] = ()) -> str:
 
 
 def _read_spec_url(url: str, overrides: Sequence[str]) -> str:
-    from service.storage.filesystem import StorageError, explain, filesystem, storage_errors
+    from service.errors import StorageError
+    from service.storage.filesystem import explain, filesystem, storage_errors
 
     settings = apply_overrides({}, [o for o in overrides if o.partition("=")[0].startswith("storage.")])
     try:

@@ -17,14 +17,11 @@ from typing import Any, TypeVar
 import fsspec
 from fsspec.core import url_to_fs
 
+from service.errors import StorageError
 from service.spec import StorageSpec
 
 log = logging.getLogger("barlow")
 T = TypeVar("T")
-
-
-class StorageError(RuntimeError):
-    """The run's storage cannot be used; the message names the URL and the likely cause."""
 
 
 def is_remote(url: str) -> bool:

@@ -1,3 +1,4 @@
+
 """Reading what others wrote: objects read with a size limit, JSON parsed without trusting its depth, and names
 from stored objects checked before they become paths.
 
@@ -16,7 +17,7 @@ from typing import Any
 
 import fsspec
 
-from service.storage.filesystem import StorageError
+from service.errors import StorageError
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 # One part of a name this project writes: step-000000008, __0_0.distcp, .metadata, train-000017.tar, 3f.

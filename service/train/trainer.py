@@ -19,6 +19,7 @@ from service.checkpoint.export import export_backbone, exported_weights_url
 from service.checkpoint.manager import CheckpointManager, checkpoint_name, checkpoints_url
 from service.data.datasets import labelled_images
 from service.data.loader import LoaderSettings, SkippedSamples, checked, two_view_loader
+from service.errors import NonFiniteLoss
 from service.evaluation.knn_monitor import KnnMonitor
 from service.method.batchnorm import convert_sync_batchnorm
 from service.method.color import DeviceColor
@@ -32,7 +33,7 @@ from service.observe.step_metrics import StepClock, decimated, embedding_std, pe
 from service.observe.tensorboard import EventFiles
 from service.runtime import distributed
 from service.runtime.distributed import shard
-from service.runtime.guard import NonFiniteGuard, NonFiniteLoss
+from service.runtime.guard import NonFiniteGuard
 from service.runtime.precision import Precision
 from service.runtime.preemption import Preemption
 from service.spec import DdpSpec, LossSpec, TrainSpec

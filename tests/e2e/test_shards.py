@@ -15,10 +15,10 @@ import pytest
 
 from service.cli.main import main
 from service.data.datasets import ImageFolder
-from service.data.errors import DataError
 from service.data.pack import PARTS
 from service.data.shard_reader import ShardedImages, read_index
 from service.data.shards import INDEX
+from service.errors import DataError
 from service.spec import StorageSpec
 from service.storage.filesystem import filesystem
 from tests.support.image_data import corrupt, damaged_copy, download, write_digit_folder

@@ -24,13 +24,9 @@ import torch
 from s3fs import S3FileSystem
 
 from service.checkpoint import dcp_io
-from service.checkpoint.manager import (
-    CheckpointError,
-    inspect_checkpoint,
-    list_checkpoints,
-    verify_checkpoint,
-)
+from service.checkpoint.manager import inspect_checkpoint, list_checkpoints, verify_checkpoint
 from service.cli.main import main
+from service.errors import CheckpointError
 from service.spec import ModelSpec, StorageSpec
 from service.storage.filesystem import filesystem
 from tests.support.runs import ROOT

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
+from service.errors import StorageError
 from service.run.lease import Lease
 from service.spec import StorageSpec
-from service.storage.filesystem import StorageError
 from tests.support.lease_cases import LeaseCases, foreign_record, stored_record, write_lease
 from tests.support.runs import ROOT
 from tests.support.s3_server import TEST_CREDENTIALS

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.errors import StorageError
 from service.observe.stats import CORRELATION_TAG
 from service.observe.tensorboard import POSITIVE, ZERO, EventFiles, correlation_colors
 from service.reports.report import write_report
 from service.spec import StorageSpec
-from service.storage.filesystem import StorageError, filesystem
+from service.storage.filesystem import filesystem
 
 FIGURES = {"loss", "lr", "knn", "throughput", "memory", "collapse", "timeline", "correlation"}
 

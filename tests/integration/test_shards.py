@@ -23,14 +23,15 @@ import pytest
 import torch
 
 from service.data.datasets import ImageFolder
-from service.data.errors import DataError, SampleError
+from service.data.errors import SampleError
 from service.data.loader import LoaderSettings, two_view_loader
 from service.data.pack import PARTS, PLAN, pack
 from service.data.shard_cache import ShardCache
 from service.data.shard_reader import ShardedImages, read_index
+from service.errors import DataError, StorageError
 from service.method.transforms import two_view_pipelines
 from service.spec import StorageSpec
-from service.storage.filesystem import StorageError, filesystem, fsspec_options
+from service.storage.filesystem import filesystem, fsspec_options
 from tests.support.image_data import CROP_AND_FLIP, IMAGES_PER_CLASS, download, write_digit_folder
 from tests.support.s3_proxy import S3Proxy
 from tests.support.s3_server import TEST_CREDENTIALS

@@ -3,7 +3,8 @@ spec's check of checkpoint.allow_changes. The manager against real storage: test
 
 import pytest
 
-from service.spec import SpecError, TrainSpec, load_spec, recipe
+from service.errors import SpecError
+from service.spec import TrainSpec, load_spec, recipe
 from tests.support.runs import DIGITS, ROOT
 from tests.support.training import MODEL
 

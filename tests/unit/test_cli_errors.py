@@ -7,7 +7,7 @@ import os
 import pytest
 
 from service.data.datasets import Cifar10, ImageFolder
-from service.data.errors import DataError
+from service.errors import DataError
 from tests.support.user_errors import write_image_folder
 
 

@@ -8,11 +8,11 @@ import torch
 from torchvision import tv_tensors
 
 from service.data.datasets import Cifar10, Digits, ImageFolder, digits_is_test
-from service.data.errors import DataError
 from service.data.loader import GlobalBatchSampler, LoaderSettings, TwoViews
+from service.errors import DataError, SpecError
 from service.method.transforms import two_view_pipelines
 from service.runtime.machine import Machine
-from service.spec import AugmentSpec, DataSpec, SpecError
+from service.spec import AugmentSpec, DataSpec
 
 
 def global_batches(size: int, batch: int, world: int, seed: int, epoch: int) -> list[list[int]]:

@@ -10,13 +10,13 @@ import torch
 from PIL import Image
 
 from service.data.datasets import ImageFolder
-from service.data.errors import DataError
 from service.data.subsets import balanced_indices, indices_from_list, read_subset_list
+from service.errors import DataError, SpecError
 from service.evaluation.evaluate import BackboneChanged, _check_unchanged, backbone_state
 from service.evaluation.probes import knn_accuracy, knn_scores, linear_accuracy, topk_correct
 from service.method.model import build_backbone
 from service.runtime.distributed import shard
-from service.spec import EvaluateSpec, SpecError, StorageSpec, load_spec
+from service.spec import EvaluateSpec, StorageSpec, load_spec
 
 
 def test_topk_counts_by_hand():

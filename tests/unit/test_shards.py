@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from service.data.datasets import ImageFolder
-from service.data.errors import DataError, SampleError
+from service.data.errors import SampleError
 from service.data.loader import LoaderSettings, SkippedSamples, TwoViews, two_view_loader
+from service.errors import DataError
 from service.method.transforms import two_view_pipelines
 from tests.support.image_data import CROP_AND_FLIP, damaged_copy, write_digit_folder
 

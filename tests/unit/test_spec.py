@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from service.errors import SpecError
 from service.spec import (
     EvaluateSpec,
-    SpecError,
     TrainSpec,
     apply_overrides,
     json_schema,

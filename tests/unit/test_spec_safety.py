@@ -17,7 +17,8 @@ from pydantic import BaseModel, ValidationError
 import components.barlowtwins as barlowtwins
 from service import cli
 from service.credentials import is_credential_key, redact_arguments
-from service.spec import MAX_SPEC_VALUES, EvaluateSpec, SpecError, StorageSpec, TrainSpec, load_spec
+from service.errors import SpecError
+from service.spec import MAX_SPEC_VALUES, EvaluateSpec, StorageSpec, TrainSpec, load_spec
 from tests.support.commands import barlow, torchx
 from tests.support.user_errors import alias_bomb
 

@@ -12,11 +12,11 @@ import pytest
 
 from service.data.pack import _is_part
 from service.data.shards import ShardIndex, shard_key
+from service.errors import SpecError
 from service.launch.job_spec import SPEC_ENV
 from service.launch.scheduler import BarlowKubernetesScheduler
 from service.reports.report import MAX_RECORD_BYTES, check_records
 from service.reports.run_log import line_problem, parse_lines
-from service.spec import SpecError
 from service.storage.untrusted import UntrustedObject, split_lines
 
 START = {"event": "start", "step": 0, "epoch": 0, "total_steps": 16, "steps_per_epoch": 16, "world_size": 1,
