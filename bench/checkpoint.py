@@ -68,7 +68,7 @@ def main() -> None:
         def manager(run: str, resume: str = "auto") -> CheckpointManager:
             return CheckpointManager(run_url=run, spec=CheckpointSpec(resume=resume), storage=storage,
                                      worker=worker, model=model, optimizer=optimizer, scaler=scaler,
-                                     steps_per_epoch=100, resolved_spec=spec.model_dump(mode="json"))
+                                     steps_per_epoch=100, resolved_spec=spec.model_dump(mode="json"), lease=None)
 
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / "state.pth"

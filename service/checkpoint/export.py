@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from service.checkpoint.dcp_io import CorruptCheckpoint, load
+from service.checkpoint.catalog import inspect_checkpoint, list_checkpoints
 from service.errors import CheckpointError, StorageError
 from service.method.model import BarlowTwins
 from service.spec import ModelSpec, StorageSpec, TrainSpec, spec_to_yaml
-from service.checkpoint.manager import inspect_checkpoint, list_checkpoints
-from service.checkpoint.dcp_io import CorruptCheckpoint, load
 from service.storage.filesystem import explain, filesystem, fsspec_options, is_remote, storage_errors
 
 

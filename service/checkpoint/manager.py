@@ -1,15 +1,13 @@
-"""Checkpoints streamed to any fsspec location (s3://, gs://, file://, memory://), committed by a manifest.
+"""Saves and restores a run's training state, streamed to any fsspec location (s3://, gs://, file://, memory://).
 
-Layout: RUN/checkpoints/step-000000123/ holds one DCP checkpoint (each rank writes its share) and, written last by
-rank 0 once every rank's objects are stored, `manifest.json`: step, epoch, position inside the epoch, world size,
-run and job ids, versions, the GradScaler state, the resolved spec, the recipe changes allowed so far, and every
-object with its size and CRC32. A prefix without a valid manifest is not a checkpoint: it is reported, skipped,
-and deleted once a newer checkpoint is committed.
+A checkpoint is committed by its manifest (service/checkpoint/catalog.py), written by rank 0 once every rank's
+objects are stored. Restoring checks every object against the manifest as it is read, and a checkpoint that fails is
+never loaded: `auto` falls back to the newest one that verifies (the policy: service/checkpoint/resume.py).
+Retention counts as newer only checkpoints this run verified (committed itself or restored from), so it never
+deletes the newest good one. A state with non-finite values is never written.
 
-Nothing is trusted unread: restoring and exporting check every object against the manifest as it is read, and a
-checkpoint that fails is never loaded; restore falls back to the newest one that verifies. Retention counts as
-newer only checkpoints this run verified (committed itself or restored from), so it never deletes the newest good
-one. A state with non-finite values is never written. One run owns `RUN` through its lease (service/run/lease.py).
+The manager is handed the run's lease (service/run/lease.py), held by its caller: every commit first refreshes it,
+so a run whose output was taken over stops committing there.
 
 Saving blocks training only while the state is copied to host memory; the upload, the manifest and the retention
 run in one background thread (at most one save in flight). Under DDP the checkpoint's collectives use their own
@@ -22,179 +20,26 @@ import datetime
 import json
 import logging
 import platform
-import re
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from pydantic import ConfigDict, TypeAdapter, ValidationError, with_config
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from typing_extensions import NotRequired, TypedDict
 
-from service.errors import CheckpointError, StorageError
-from service.runtime.distributed import Worker, new_cpu_group
-from service.spec import CheckpointSpec, StorageSpec
-from service.checkpoint import dcp_io
-from service.spec import recipe
+from service.checkpoint import dcp_io, resume
+from service.checkpoint.catalog import FORMAT_VERSION, MANIFEST, CheckpointInfo, list_checkpoints
 from service.checkpoint.dcp_io import CorruptCheckpoint
-from service.storage.filesystem import check_writable, explain, filesystem, fsspec_options, retry
-from service.run.lease import Lease, LeaseHeld, current_job_id
-from service.storage.untrusted import MiB, UntrustedObject, parse_json, read_bounded
+from service.errors import CheckpointError
+from service.run.layout import checkpoint_url, checkpoints_url
+from service.run.lease import Lease, current_job_id
+from service.runtime.distributed import Worker
+from service.spec import CheckpointSpec, StorageSpec, recipe
+from service.storage.filesystem import explain, filesystem, fsspec_options, retry
 
 log = logging.getLogger("barlow")
-
-MANIFEST = "manifest.json"
-MANIFEST_LIMIT = 16 * MiB  # ~10 KB for one worker, ~100 B more per worker: room for 100,000 and the spec
-FORMAT_VERSION = 1
-CHECKPOINT_NAME = re.compile(r"step-([0-9]{9})")
-
-
-class _StoredObject(TypedDict):
-    name: str
-    size: int
-    crc32: int
-
-
-@with_config(ConfigDict(extra="allow", strict=True))
-class _Manifest(TypedDict):
-    """The fields of manifest.json this project reads, with their types (strict: "8" is not 8); others are kept."""
-
-    format: int
-    step: int
-    epoch: int
-    batch_in_epoch: int
-    steps_per_epoch: int
-    world_size: int
-    scaler: dict[str, int | float]
-    spec: dict[str, dict[str, Any]]
-    objects: list[_StoredObject]
-    run_id: NotRequired[str | None]  # absent from checkpoints older than run ids
-    parent: NotRequired[dict[str, Any] | None]
-    changes: NotRequired[list[dict[str, Any]]]
-    created: NotRequired[str]
-
-
-_MANIFEST = TypeAdapter(_Manifest)
-
-
-def read_manifest(fs, path: str) -> dict:
-    """A checkpoint's manifest.json, read with a size limit and checked in type and in its object names;
-    UntrustedObject naming the file and what is wrong otherwise."""
-    manifest = parse_json(read_bounded(fs, path, MANIFEST_LIMIT, "checkpoint manifest"), path)
-    try:
-        checked: dict[str, Any] = dict(_MANIFEST.validate_python(manifest))
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise UntrustedObject(f"{path}: {where}: {first['msg']}") from None
-    for entry in checked["objects"]:
-        dcp_io.checked_name_of(entry["name"], path)
-    return checked
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:09d}"
-
-
-def checkpoint_step(url: str) -> int | None:
-    """The step of a checkpoint prefix named step-NNNNNNNNN, None for any other name (step-8.bak, tmp, ...)."""
-    match = CHECKPOINT_NAME.fullmatch(url.rstrip("/").rsplit("/", 1)[-1])
-    return int(match.group(1)) if match else None
-
-
-def checkpoints_url(run_url: str) -> str:
-    return f"{run_url.rstrip('/')}/checkpoints"
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    url: str
-    step: int
-    manifest: dict | None
-    problem: str | None = None
-
-    @property
-    def valid(self) -> bool:
-        return self.problem is None
-
-    @property
-    def epoch(self) -> int | None:
-        return self.manifest["epoch"] if self.manifest else None
-
-    @property
-    def size(self) -> int:
-        return sum(obj["size"] for obj in self.manifest["objects"]) if self.manifest else 0
-
-    @property
-    def run_id(self) -> str | None:
-        return self.manifest.get("run_id") if self.manifest else None
-
-    @property
-    def objects(self) -> dict[str, dict[str, int]]:
-        """The manifest's objects by name: size and CRC32."""
-        return {obj["name"]: obj for obj in self.manifest["objects"]} if self.manifest else {}
-
-
-def inspect_checkpoint(url: str, storage: StorageSpec) -> CheckpointInfo:
-    """Read one checkpoint's manifest and check that every object it lists is stored with its size.
-
-    Cheap (a listing and the manifest); `verify_checkpoint` also reads every byte.
-    """
-    fs, path = filesystem(url, storage)
-    step = checkpoint_step(path)
-    if step is None:
-        return CheckpointInfo(url, -1, None, "not a checkpoint: its name is not step-NNNNNNNNN")
-    try:
-        stored = {entry["name"].rsplit("/", 1)[-1]: entry["size"] for entry in fs.ls(path, detail=True, refresh=True)}
-    except FileNotFoundError:
-        return CheckpointInfo(url, step, None, "does not exist")
-    if MANIFEST not in stored:
-        return CheckpointInfo(url, step, None, "no manifest: an incomplete save")
-    try:
-        manifest = read_manifest(fs, f"{path.rstrip('/')}/{MANIFEST}")
-    except (UntrustedObject, CorruptCheckpoint) as error:
-        return CheckpointInfo(url, step, None, f"unreadable manifest ({error})")
-    if manifest["step"] != step:
-        return CheckpointInfo(url, step, manifest, f"its manifest is for step {manifest['step']}")
-    for name, size in ((obj["name"], obj["size"]) for obj in manifest["objects"]):
-        if stored.get(name) != size:
-            return CheckpointInfo(url, step, manifest, f"object {name} is missing or has the wrong size")
-    return CheckpointInfo(url, step, manifest)
-
-
-def verify_checkpoint(url: str, storage: StorageSpec) -> CheckpointInfo:
-    """`inspect_checkpoint`, then every object read and compared with its manifest's size and CRC32, and the
-    metadata read with the restricted unpickler a load uses."""
-    checkpoint = inspect_checkpoint(url, storage)
-    if not checkpoint.valid:
-        return checkpoint
-    fs, path = filesystem(url, storage)
-    for name, listed in checkpoint.objects.items():
-        try:
-            if name.endswith(".metadata"):  # read as a load reads it: a foreign pickle shows here, unrun
-                dcp_io.read_metadata(dcp_io.read_verified(fs, f"{path.rstrip('/')}/{name}", checkpoint.objects), name)
-            else:
-                dcp_io.check_object(fs, f"{path.rstrip('/')}/{name}", listed)
-        except CorruptCheckpoint as error:
-            return replace(checkpoint, problem=str(error))
-    return checkpoint
-
-
-def list_checkpoints(run_url: str, storage: StorageSpec) -> list[CheckpointInfo]:
-    """Every checkpoint prefix (step-NNNNNNNNN) under the run, valid or not, oldest first; other names are not
-    checkpoints and are left alone."""
-    root = checkpoints_url(run_url)
-    fs, path = filesystem(root, storage)
-    try:
-        entries = fs.ls(path, detail=True, refresh=True)
-    except FileNotFoundError:
-        return []
-    names = sorted(entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries if entry["type"] == "directory")
-    return [inspect_checkpoint(f"{root}/{name}", storage) for name in names if CHECKPOINT_NAME.fullmatch(name)]
 
 
 def new_run_id() -> str:
@@ -229,13 +74,14 @@ class NonFiniteState(RuntimeError):
 class CheckpointManager:
     """Saves and restores a run's training state: model, optimizer, GradScaler and the position in the data.
 
-    Construction takes the run's lease (`force`: take it from a live holder); `close()` awaits the last save and
-    gives the lease back.
+    `lease`: the run's lease, held by the caller on rank 0 (None on the other ranks, and where nothing owns the
+    output); `group`: the gloo group of the checkpoint's collectives (None in a world of one). `close()` awaits the
+    last save; the lease stays the caller's to release.
     """
 
     def __init__(self, *, run_url: str, spec: CheckpointSpec, storage: StorageSpec, worker: Worker,
                  model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                 steps_per_epoch: int, resolved_spec: dict, force: bool = False):
+                 steps_per_epoch: int, resolved_spec: dict, lease: Lease | None, group: Any = None):
         self.run_url = run_url
         self.spec = spec
         self.storage = storage
@@ -246,9 +92,8 @@ class CheckpointManager:
         self.steps_per_epoch = steps_per_epoch
         self.resolved_spec = resolved_spec
         self.root = checkpoints_url(run_url)
-        check_writable(self.root, storage)
-        self.group = new_cpu_group()
-        self.lease = self._take_lease(force)
+        self.group = group
+        self.lease = lease
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self.pending: Future | None = None
         self.last_saved_step: int | None = None
@@ -259,24 +104,6 @@ class CheckpointManager:
         self.parent: dict | None = None  # the checkpoint of another output this run started from
         self.changes: list[dict] = []  # the recipe changes allowed at resumes, carried by every manifest
         self.resumed_changes: dict[str, list] = {}  # those of this resume: field -> [old, new]
-
-    def _take_lease(self, force: bool) -> Lease | None:
-        """Rank 0 takes the run's lease and tells the others; every rank fails alike when it is held."""
-        lease, refusal = None, None
-        if self.worker.is_main:
-            try:
-                lease = Lease.acquire(self.run_url, self.storage, job_id=current_job_id(),
-                                      timeout_s=self.spec.lease_timeout, force=force)
-                lease.start_heartbeat(self.spec.lease_timeout / 4)
-            except (LeaseHeld, StorageError) as error:  # told to every rank: none may wait in a collective
-                refusal = str(error)
-        if self.group is not None:
-            message = [refusal]
-            dist.broadcast_object_list(message, src=0, group=self.group)
-            refusal = message[0]
-        if refusal:
-            raise CheckpointError(refusal)
-        return lease
 
     def due(self, step: int) -> bool:
         """Whether the spec asks for a checkpoint after `step` completed steps."""
@@ -310,7 +137,7 @@ class CheckpointManager:
 
     def newest_committed_url(self) -> str | None:
         """The newest checkpoint this run knows to be good."""
-        return f"{self.root}/{checkpoint_name(max(self.verified))}" if self.verified else None
+        return checkpoint_url(self.run_url, max(self.verified)) if self.verified else None
 
     def wait(self) -> None:
         if self.pending is not None:
@@ -318,14 +145,11 @@ class CheckpointManager:
             self.pending = None
 
     def close(self) -> None:
-        """Await the last save and give the lease back."""
+        """Await the last save."""
         try:
             self.wait()
-            self.executor.shutdown()
         finally:
-            if self.lease is not None:
-                self.lease.release()
-                self.lease = None
+            self.executor.shutdown()
 
     def _everyone_agrees(self, mine: bool) -> bool:
         if self.group is None:
@@ -335,7 +159,7 @@ class CheckpointManager:
         return bool(vote.item())
 
     def _write(self, step: int, staged: dict, state: dict) -> None:
-        url = f"{self.root}/{checkpoint_name(step)}"
+        url = checkpoint_url(self.run_url, step)
         started = time.monotonic()
         options = fsspec_options(url, self.storage)
         try:
@@ -411,39 +235,17 @@ class CheckpointManager:
                 log.info("deleted %s checkpoint %s", "old" if checkpoint.valid else "incomplete", checkpoint.url)
 
     def restore(self) -> int:
-        """Load the checkpoint the spec's `resume` asks for; returns the number of completed steps (0: fresh).
-
-        `auto` takes the newest checkpoint under run.output that verifies, falling back past corrupt ones; a
-        checkpoint URL takes that one or fails. Incomplete or corrupt saves newer than the loaded checkpoint are
-        deleted before training, since this run will save those steps again.
-        """
+        """Load the checkpoint the spec's `resume` asks for (service/checkpoint/resume.py); returns the number of
+        completed steps (0: fresh). Corrupt candidates are passed over under `auto` (an error otherwise).
+        Incomplete or corrupt saves newer than the loaded checkpoint are deleted before training, since this run
+        will save those steps again."""
         checkpoints = list_checkpoints(self.run_url, self.storage)
-        if self.spec.resume == "none":
-            if checkpoints:
-                raise CheckpointError(
-                    f"{self.root} already holds checkpoints and checkpoint.resume=none: choose another run.output, "
-                    "delete them, or resume with checkpoint.resume=auto"
-                )
-            return self._start_fresh()
-        if self.spec.resume == "auto":
-            for checkpoint in checkpoints:
-                if not checkpoint.valid:
-                    log.warning("ignoring %s: %s", checkpoint.url, checkpoint.problem)
-            candidates = [c for c in checkpoints if c.valid]
-        else:
-            chosen = inspect_checkpoint(self.spec.resume, self.storage)
-            if not chosen.valid:
-                raise CheckpointError(f"checkpoint.resume={self.spec.resume} cannot be used: {chosen.problem}")
-            newer = [c.url for c in checkpoints if c.valid and c.step > chosen.step]
-            if newer:
-                raise CheckpointError(
-                    f"run.output already holds newer checkpoints ({newer[-1]}) that this run would collide with: "
-                    "resume into another run.output"
-                )
-            candidates = [chosen]
+        candidates = resume.candidates(self.spec, checkpoints, self.storage, self.root)
+        lineage = self.lease.previous.run_id if self.lease is not None and self.lease.previous else None
         loaded, rejected = None, []
         for candidate in reversed(candidates):
-            self._check_resumable(candidate)
+            resume.check_resumable(candidate, spec=self.spec, resolved_spec=self.resolved_spec,
+                                   steps_per_epoch=self.steps_per_epoch, run_url=self.run_url, lineage=lineage)
             try:
                 self._load(candidate)
             except CorruptCheckpoint as error:
@@ -469,7 +271,8 @@ class CheckpointManager:
         if self.group is not None:
             dist.barrier(group=self.group)
         if loaded is None:
-            log.info("no checkpoint under %s: starting fresh", self.root)
+            if self.spec.resume != "none":
+                log.info("no checkpoint under %s: starting fresh", self.root)
             return self._start_fresh()
         return self._resumed_from(loaded)
 
@@ -521,25 +324,3 @@ class CheckpointManager:
                  checkpoint.epoch, manifest["batch_in_epoch"], self.steps_per_epoch,
                  f"; changed on purpose: {recipe.describe(changes)}" if changes else "")
         return checkpoint.step
-
-    def _check_resumable(self, checkpoint: CheckpointInfo) -> None:
-        """Refuse a checkpoint of another run, of another recipe, or of another number of steps per epoch."""
-        assert checkpoint.manifest is not None  # only valid checkpoints are checked
-        lineage = self.lease.previous.run_id if self.lease is not None and self.lease.previous else None
-        if self.spec.resume == "auto" and lineage and checkpoint.run_id and checkpoint.run_id != lineage:
-            raise CheckpointError(
-                f"{checkpoint.url} was written by run {checkpoint.run_id}, but {self.run_url} belongs to run "
-                f"{lineage} (its lease): resume it on purpose with checkpoint.resume={checkpoint.url}, or remove it"
-            )
-        refused = recipe.refused_changes(checkpoint.manifest["spec"], self.resolved_spec, self.spec.allow_changes)
-        if refused:
-            raise CheckpointError(
-                f"{checkpoint.url} was trained with another recipe: {recipe.describe(refused)}. Resume with the "
-                "checkpoint's values, name the fields in checkpoint.allow_changes to change them on purpose (e.g. "
-                f"--set 'checkpoint.allow_changes=[{', '.join(refused)}]'), or start a new run.output"
-            )
-        if checkpoint.manifest["steps_per_epoch"] != self.steps_per_epoch:
-            raise CheckpointError(
-                f"{checkpoint.url} was made with {checkpoint.manifest['steps_per_epoch']} steps per epoch, this run "
-                f"has {self.steps_per_epoch}: keep optim.batch_size and the data set of the run to resume it"
-            )

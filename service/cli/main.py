@@ -226,7 +226,7 @@ def _storage(args: argparse.Namespace) -> StorageSpec:
 
 def _print_checkpoints(run: str, storage: StorageSpec, verify: bool) -> int:
     """The run's checkpoints, one row each; with `verify`, every byte checked. 1 when a checkpoint fails it."""
-    from service.checkpoint.manager import list_checkpoints, verify_checkpoint
+    from service.checkpoint.catalog import list_checkpoints, verify_checkpoint
 
     rows = [("STEP", "EPOCH", "BATCH", "SIZE", "CREATED", "RUN", "STATUS")]
     corrupt = False

@@ -33,11 +33,13 @@ from service.evaluation.probes import gathered_features, knn_scores, topk_correc
 from service.method.model import BACKBONE_FEATURES, build_backbone
 from service.method.transforms import classification_pipelines
 from service.observe.stats import TrainingStats
+from service.run.layout import checkpoints_url
+from service.run.lease import take_lease
 from service.runtime import distributed
 from service.runtime.distributed import shard
 from service.runtime.precision import Precision
 from service.spec import EvaluateSpec, spec_to_yaml
-from service.storage.filesystem import filesystem, is_remote
+from service.storage.filesystem import check_writable, filesystem, is_remote
 
 log = logging.getLogger("barlow")
 
@@ -188,15 +190,22 @@ def _evaluate(spec: EvaluateSpec, command: str, worker: distributed.Worker, forc
     val_set = Transformed(val_images, val_transform)
     steps_per_epoch = len(loader)
     scaler = precision.grad_scaler()
+    # the run's output must be writable, and ours, before anything is written there
+    check_writable(checkpoints_url(spec.run.output), spec.storage)
+    group = distributed.new_cpu_group()  # the checkpoints' and the lease's collectives, off the step's
+    lease = take_lease(spec.run.output, spec.storage, worker, group, timeout_s=spec.checkpoint.lease_timeout,
+                       force=force)
     checkpointer = CheckpointManager(
         run_url=spec.run.output, spec=spec.checkpoint, storage=spec.storage, worker=worker, model=model,
         optimizer=optimizer, scaler=scaler, steps_per_epoch=steps_per_epoch, resolved_spec=spec.model_dump(mode="json"),
-        force=force,
+        lease=lease, group=group,
     )
     try:
         step = checkpointer.restore()
     except BaseException:
-        checkpointer.close()  # gives the lease back now: a corrected rerun need not wait for it to go stale
+        checkpointer.close()
+        if lease is not None:  # given back now: a corrected rerun need not wait for it to go stale
+            lease.release()
         raise
     first_epoch = -(-step // steps_per_epoch)  # evaluation checkpoints are taken at epoch ends
     for _ in range(first_epoch):
@@ -237,8 +246,12 @@ def _evaluate(spec: EvaluateSpec, command: str, worker: distributed.Worker, forc
             checkpointer.save(step)
             stats.sync()
     finally:
-        checkpointer.close()
-        stats.close()
+        try:
+            checkpointer.close()
+        finally:
+            if lease is not None:
+                lease.release()
+            stats.close()
     acc1, acc5, best1, best5 = model.accuracies.tolist()
     result = EvaluationResult(spec.eval.mode, acc1, acc5, best1, best5, spec.eval.epochs, train_count, spec.run.output)
     if worker.is_main:

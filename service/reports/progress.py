@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from service.checkpoint.manager import CheckpointInfo, list_checkpoints
+from service.checkpoint.catalog import CheckpointInfo, list_checkpoints
 from service.errors import JobError, SpecError, StorageError
 from service.reports.run_log import STATS, RunLog, read_run_log
 from service.run.lease import LEASE_FILE, LEASE_LIMIT, LeaseRecord

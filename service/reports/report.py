@@ -35,7 +35,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
 
-from service.checkpoint.manager import CheckpointInfo, list_checkpoints
+from service.checkpoint.catalog import CheckpointInfo, list_checkpoints
 from service.errors import SpecError, StorageError
 from service.observe.stats import CORRELATION_TAG
 from service.observe.tensorboard import EVENT_FILES, FOLDER, NEGATIVE, POSITIVE, ZERO

@@ -7,16 +7,8 @@ re-acquires it at once; a crashed holder's lease is taken over once its heartbea
 once with `force`, or when it is on this host, in this pid namespace, and its pid is gone). A holder whose lease was
 taken over finds out at its next refresh (`LeaseLost`, `Lease.lost`) and must stop writing.
 
-Every write is conditional, so two takers cannot both win:
-
-* s3:// (and s3a://): creation is a PUT with `If-None-Match: *`, every later write a PUT with `If-Match: <ETag>`
-  and release a DELETE with `If-Match`. Needs a store with conditional writes (AWS S3, MinIO, Ceph RGW; the moto
-  test server honours all three).
-* local paths and file://: every read-compare-write holds an `fcntl.flock` on the sibling `lease.json.lock` (never
-  deleted); creation also uses `O_EXCL`, replacement writes a temporary file and renames it over lease.json.
-* other protocols (memory://, gs://, ...): best effort, check then write. Within one process a lock makes it exact
-  (so memory://, which is per process, is exact); across processes two takers racing within a round trip may both
-  believe they won, and the loser finds out at its next refresh.
+Every write is conditional (service/storage/conditional.py: an S3 ETag, an flock, or best effort elsewhere), so two
+takers cannot both win.
 
 Staleness compares the holder's heartbeat (its clock) with ours: clocks must agree to well within the timeout
 (NTP does). An unreadable lease.json counts as held by an unknown holder, stale by the object's modification time.
@@ -27,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
 import json
 import logging
 import os
@@ -38,16 +29,18 @@ import uuid
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-import fsspec
-from fsspec.implementations.local import LocalFileSystem
+import torch.distributed as dist
 
-from service.errors import StorageError
+from service.errors import CheckpointError, StorageError
+from service.run import layout
+from service.runtime.distributed import Worker
 from service.spec import StorageSpec
+from service.storage.conditional import Conflict, Store, Stored, store_for
 from service.storage.filesystem import explain, filesystem
 
 log = logging.getLogger("barlow")
 
-LEASE_FILE = "lease.json"
+LEASE_FILE = layout.LEASE
 LEASE_LIMIT = 64 << 10  # a lease record is ~300 bytes; every store reads at most this much more than it
 
 
@@ -115,7 +108,7 @@ class Lease:
     """A held lease on RUN_URL/lease.json. Get one with `Lease.acquire`; use it as a context manager or call
     `release()`."""
 
-    def __init__(self, run_url: str, store: _Store, record: LeaseRecord, version: Any,
+    def __init__(self, run_url: str, store: Store, record: LeaseRecord, version: Any,
                  previous: LeaseRecord | None):
         self.run_url = run_url
         self.record = record  # ours, as last written
@@ -137,7 +130,7 @@ class Lease:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, not {timeout_s}")
         fs, path = filesystem(run_url, storage)
-        store = _store_for(fs, f"{path.rstrip('/')}/{LEASE_FILE}")
+        store = store_for(fs, f"{path.rstrip('/')}/{LEASE_FILE}", LEASE_LIMIT)
         token = uuid.uuid4().hex
         try:
             for _ in range(10):  # each pass loses only to a concurrent write; the next one reads the winner
@@ -145,7 +138,7 @@ class Lease:
                 now = time.time()
                 if stored is None:
                     record = _new_record(job_id, token, None, generation=1, now=now)
-                    with contextlib.suppress(_Conflict):
+                    with contextlib.suppress(Conflict):
                         return cls(run_url, store, record, store.create(record.to_json()), None)
                     continue
                 holder, problem = _parse(stored.data)
@@ -164,7 +157,7 @@ class Lease:
                     run_id = None
                 generation = (holder.generation if holder else 0) + 1
                 record = _new_record(job_id, token, run_id, generation=generation, now=now)
-                with contextlib.suppress(_Conflict):
+                with contextlib.suppress(Conflict):
                     return cls(run_url, store, record, store.replace(record.to_json(), stored.version), holder)
             raise StorageError(f"{run_url}: {LEASE_FILE} keeps changing under us; try again")
         except OSError as error:
@@ -197,7 +190,7 @@ class Lease:
             try:
                 try:
                     self._version = self._store.replace(record.to_json(), self._version)
-                except _Conflict:
+                except Conflict:
                     stored = self._store.read()
                     if stored is None:  # deleted, and nobody took it since: ours again (a create fails if taken)
                         self._version = self._store.create(record.to_json())
@@ -209,7 +202,7 @@ class Lease:
                             raise LeaseLost(_lost_message(self.run_url, holder)) from None
                         # ours, at a version we did not see (a retried write whose reply was lost): write over it
                         self._version = self._store.replace(record.to_json(), stored.version)
-            except _Conflict:
+            except Conflict:
                 self._lost = True
                 raise LeaseLost(f"{self.run_url}: the lease changed while it was being refreshed; this job no "
                                 "longer owns the output") from None
@@ -240,7 +233,7 @@ class Lease:
             self._released = True
             try:
                 self._store.delete(self._version)
-            except _Conflict:
+            except Conflict:
                 log.warning("%s: the lease is no longer ours; left in place", self.run_url)
             except Exception as error:  # noqa: BLE001 - releasing runs at the end of every run, even a failed one
                 log.warning("%s: could not release the lease (%s); it expires with its heartbeat",
@@ -262,6 +255,28 @@ class Lease:
                 return
             except Exception as error:  # noqa: BLE001 - the thread must outlive any storage failure
                 log.warning("lease heartbeat failed (%s); retrying in %g s", error, interval_s)
+
+
+def take_lease(run_url: str, storage: StorageSpec, worker: Worker, group: Any, *, timeout_s: float,
+               force: bool = False) -> Lease | None:
+    """The run's lease for this job, taken by rank 0 with its heartbeat started (None on the other ranks). Every
+    rank learns the outcome through `group` (gloo; None in a world of one) and all fail alike, with a
+    CheckpointError naming the holder, when it is held or the storage cannot be used: none is left waiting in a
+    collective. The caller releases it when the run ends."""
+    lease, refusal = None, None
+    if worker.is_main:
+        try:
+            lease = Lease.acquire(run_url, storage, job_id=current_job_id(), timeout_s=timeout_s, force=force)
+            lease.start_heartbeat(timeout_s / 4)
+        except (LeaseHeld, StorageError) as error:
+            refusal = str(error)
+    if group is not None:
+        message = [refusal]
+        dist.broadcast_object_list(message, src=0, group=group)
+        refusal = message[0]
+    if refusal:
+        raise CheckpointError(refusal)
+    return lease
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -301,7 +316,7 @@ def _pid_gone(pid: int) -> bool:
     return False
 
 
-def _stale(holder: LeaseRecord | None, stored: _Stored, timeout_s: float, now: float) -> str | None:
+def _stale(holder: LeaseRecord | None, stored: Stored, timeout_s: float, now: float) -> str | None:
     """Why the lease may be taken over, or None while it is live."""
     if holder is None:
         if stored.modified is not None and now - stored.modified > timeout_s:
@@ -319,7 +334,7 @@ def _age(seconds: float) -> str:
     return f"{max(seconds, 0):.0f} s"
 
 
-def _describe(holder: LeaseRecord | None, problem: str | None, stored: _Stored, now: float) -> str:
+def _describe(holder: LeaseRecord | None, problem: str | None, stored: Stored, now: float) -> str:
     if holder is None:
         written = f", last written {_age(now - stored.modified)} ago" if stored.modified is not None else ""
         return f"an unknown holder ({LEASE_FILE} is unreadable: {problem}){written}"
@@ -327,7 +342,7 @@ def _describe(holder: LeaseRecord | None, problem: str | None, stored: _Stored, 
             f"last heartbeat {_age(now - holder.heartbeat)} ago")
 
 
-def _held_message(run_url: str, holder: LeaseRecord | None, problem: str | None, stored: _Stored,
+def _held_message(run_url: str, holder: LeaseRecord | None, problem: str | None, stored: Stored,
                   timeout_s: float, now: float) -> str:
     if holder is None and stored.modified is None:
         then = "with --force"
@@ -343,220 +358,3 @@ def _lost_message(run_url: str, holder: LeaseRecord | None) -> str:
     else:
         taken = f"job {holder.job_id} on host {holder.host} (pid {holder.pid}) took it over at {holder.started}"
     return f"{run_url}: lease lost, {taken}; this job no longer owns the output and must stop writing there"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# stores: conditional create / replace / delete of one small object
-
-
-class _Conflict(Exception):
-    """A conditional write found the object not as expected (taken, changed or gone)."""
-
-
-@dataclass(frozen=True)
-class _Stored:
-    data: bytes
-    version: Any  # the ETag on S3, the bytes elsewhere (as data: never more than LEASE_LIMIT + 1 are read)
-    modified: float | None  # unix time of the last write, when the store says
-
-
-class _Store:
-    """lease.json on one store. Every method may raise OSError for a storage failure."""
-
-    def read(self) -> _Stored | None:
-        raise NotImplementedError
-
-    def create(self, data: bytes) -> Any:
-        """Write `data` only if nothing is stored; its version. _Conflict if something is."""
-        raise NotImplementedError
-
-    def replace(self, data: bytes, version: Any) -> Any:
-        """Write `data` only if the stored version is `version`; the new version. _Conflict if not, or gone."""
-        raise NotImplementedError
-
-    def delete(self, version: Any) -> None:
-        """Delete only if the stored version is `version`. _Conflict if not, or gone."""
-        raise NotImplementedError
-
-
-def _store_for(fs: fsspec.AbstractFileSystem, path: str) -> _Store:
-    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-    if isinstance(fs, LocalFileSystem):
-        return _LocalStore(path)
-    if protocols & {"s3", "s3a"}:
-        return _S3Store(fs, path)
-    return _BestEffortStore(fs, path)
-
-
-class _LocalStore(_Store):
-    """A local file: every operation holds an flock on lease.json.lock; creation uses O_EXCL, replacement a rename."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    @contextlib.contextmanager
-    def _locked(self, exclusive: bool = True):
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        descriptor = os.open(f"{self.path}.lock", os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-            yield
-        finally:
-            os.close(descriptor)  # closing releases the lock
-
-    def _read(self) -> _Stored | None:
-        try:
-            with open(self.path, "rb") as file:
-                return _Stored(file.read(LEASE_LIMIT + 1), None, os.fstat(file.fileno()).st_mtime)
-        except FileNotFoundError:
-            return None
-
-    def read(self) -> _Stored | None:
-        with self._locked(exclusive=False):
-            stored = self._read()
-        return stored and replace(stored, version=stored.data)
-
-    def create(self, data: bytes) -> bytes:
-        with self._locked():
-            try:
-                descriptor = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                raise _Conflict from None
-            with os.fdopen(descriptor, "wb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-        return data
-
-    def replace(self, data: bytes, version: bytes) -> bytes:
-        with self._locked():
-            stored = self._read()
-            if stored is None or stored.data != version:
-                raise _Conflict
-            temporary = f"{self.path}.{uuid.uuid4().hex}.tmp"
-            try:
-                with open(temporary, "wb") as file:
-                    file.write(data)
-                    file.flush()
-                    os.fsync(file.fileno())
-                os.replace(temporary, self.path)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(temporary)
-        return data
-
-    def delete(self, version: bytes) -> None:
-        with self._locked():
-            stored = self._read()
-            if stored is None or stored.data != version:
-                raise _Conflict
-            os.unlink(self.path)
-
-
-def _precondition_failed(error: BaseException) -> bool:
-    """An S3 error that means the condition did not hold: 412 PreconditionFailed, or 409 when a concurrent
-    conditional write won."""
-    if isinstance(error, FileExistsError):
-        return True
-    cause = error.__cause__ or error.__context__
-    response = getattr(cause, "response", None) or {}
-    code = response.get("Error", {}).get("Code")
-    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412)
-
-
-class _S3Store(_Store):
-    """An S3 object: `If-None-Match: *` to create, `If-Match: <ETag>` to replace and to delete."""
-
-    def __init__(self, fs: fsspec.AbstractFileSystem, path: str):
-        self.fs = fs
-        self.path = path
-        self.bucket, self.key, _ = fs.split_path(path)
-
-    def read(self) -> _Stored | None:
-        # the ETag first: if the object changes before the GET, a write conditional on this ETag fails
-        try:
-            info = self.fs.info(self.path, refresh=True)
-            data = self.fs.cat_file(self.path, start=0, end=LEASE_LIMIT + 1)
-        except FileNotFoundError:
-            return None
-        modified = info.get("LastModified")
-        return _Stored(data, info["ETag"], modified.timestamp() if modified is not None else None)
-
-    def _put(self, data: bytes, **condition: str) -> str:
-        try:
-            return self.fs.pipe_file(self.path, data, **condition)["ETag"]
-        except FileNotFoundError:
-            if "IfMatch" not in condition:
-                raise  # no bucket
-            raise _Conflict from None  # replacing an object that is gone
-        except OSError as error:
-            if _precondition_failed(error):
-                raise _Conflict from None
-            raise
-
-    def create(self, data: bytes) -> str:
-        return self._put(data, mode="create")
-
-    def replace(self, data: bytes, version: str) -> str:
-        return self._put(data, IfMatch=version)
-
-    def delete(self, version: str) -> None:
-        try:
-            self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key, IfMatch=version)
-        except FileNotFoundError:
-            raise _Conflict from None
-        except OSError as error:
-            if _precondition_failed(error):
-                raise _Conflict from None
-            raise
-        finally:
-            self.fs.invalidate_cache(self.path)
-
-
-_BEST_EFFORT_LOCK = threading.Lock()  # exact within one process: memory://, and threads of one job
-
-
-class _BestEffortStore(_Store):
-    """Any other fsspec store: check, then write (not atomic across processes)."""
-
-    def __init__(self, fs: fsspec.AbstractFileSystem, path: str):
-        self.fs = fs
-        self.path = path
-
-    def _read(self) -> _Stored | None:
-        try:
-            data = self.fs.cat_file(self.path, start=0, end=LEASE_LIMIT + 1)
-        except FileNotFoundError:
-            return None
-        try:
-            modified = self.fs.modified(self.path).timestamp()
-        except (NotImplementedError, OSError, AttributeError):
-            modified = None
-        return _Stored(data, data, modified)
-
-    def read(self) -> _Stored | None:
-        with _BEST_EFFORT_LOCK:
-            return self._read()
-
-    def create(self, data: bytes) -> bytes:
-        with _BEST_EFFORT_LOCK:
-            if self.fs.exists(self.path):
-                raise _Conflict
-            self.fs.pipe_file(self.path, data)
-        return data
-
-    def replace(self, data: bytes, version: bytes) -> bytes:
-        with _BEST_EFFORT_LOCK:
-            stored = self._read()
-            if stored is None or stored.data != version:
-                raise _Conflict
-            self.fs.pipe_file(self.path, data)
-        return data
-
-    def delete(self, version: bytes) -> None:
-        with _BEST_EFFORT_LOCK:
-            stored = self._read()
-            if stored is None or stored.data != version:
-                raise _Conflict
-            self.fs.rm_file(self.path)

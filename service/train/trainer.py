@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from service.checkpoint.export import export_backbone, exported_weights_url
-from service.checkpoint.manager import CheckpointManager, checkpoint_name, checkpoints_url
+from service.checkpoint.manager import CheckpointManager
 from service.data.datasets import labelled_images
 from service.data.loader import LoaderSettings, SkippedSamples, checked, two_view_loader
 from service.errors import NonFiniteLoss
@@ -31,12 +31,15 @@ from service.observe.logs import set_step
 from service.observe.stats import TrainingStats
 from service.observe.step_metrics import StepClock, decimated, embedding_std, peak_memory_gib
 from service.observe.tensorboard import EventFiles
+from service.run.layout import checkpoint_url, checkpoints_url
+from service.run.lease import take_lease
 from service.runtime import distributed
 from service.runtime.distributed import shard
 from service.runtime.guard import NonFiniteGuard
 from service.runtime.precision import Precision
 from service.runtime.preemption import Preemption
 from service.spec import DdpSpec, LossSpec, TrainSpec
+from service.storage.filesystem import check_writable
 
 log = logging.getLogger("barlow")
 
@@ -178,10 +181,15 @@ def _train(spec: TrainSpec, command: str, worker: distributed.Worker, force: boo
     scaler = precision.grad_scaler()
 
     monitor = KnnMonitor(spec, worker, loading.workers)
+    # the run's output must be writable, and ours, before anything is written there
+    check_writable(checkpoints_url(spec.run.output), spec.storage)
+    group = distributed.new_cpu_group()  # the checkpoints' and the lease's collectives, off the step's
+    lease = take_lease(spec.run.output, spec.storage, worker, group, timeout_s=spec.checkpoint.lease_timeout,
+                       force=force)
     checkpointer = CheckpointManager(
         run_url=spec.run.output, spec=spec.checkpoint, storage=spec.storage, worker=worker, model=model,
         optimizer=optimizer, scaler=scaler, steps_per_epoch=steps_per_epoch, resolved_spec=spec.model_dump(mode="json"),
-        force=force,
+        lease=lease, group=group,
     )
     try:
         step = checkpointer.restore()
@@ -190,7 +198,9 @@ def _train(spec: TrainSpec, command: str, worker: distributed.Worker, force: boo
         stats = TrainingStats(spec.run.output, spec.storage, command, total_steps=total_steps, enabled=worker.is_main,
                               events=events, sync_every_seconds=spec.run.sync_every_seconds)
     except BaseException:
-        checkpointer.close()  # gives the lease back now: a corrected rerun need not wait for it to go stale
+        checkpointer.close()
+        if lease is not None:  # given back now: a corrected rerun need not wait for it to go stale
+            lease.release()
         raise
     stats.advance(step)
     resumed_from = (checkpointer.parent or {}).get("checkpoint") or checkpointer.newest_committed_url()
@@ -217,7 +227,7 @@ def _train(spec: TrainSpec, command: str, worker: distributed.Worker, force: boo
         stop_if_diverged()
         checkpointer.save(step, wait=wait)
         stats.event("checkpoint", step=step, epoch=step // steps_per_epoch,
-                    url=f"{checkpoints_url(spec.run.output)}/{checkpoint_name(step)}")
+                    url=checkpoint_url(spec.run.output, step))
 
     preemption = Preemption()
     log.info("training %s on %d worker(s), %s, %d steps per epoch, global batch %d; %d loading process(es), "
@@ -282,8 +292,12 @@ def _train(spec: TrainSpec, command: str, worker: distributed.Worker, force: boo
             stats.event("end", step=step, epoch=step // steps_per_epoch)
     finally:
         preemption.close()
-        checkpointer.close()
-        stats.close()
+        try:
+            checkpointer.close()
+        finally:
+            if lease is not None:
+                lease.release()
+            stats.close()
 
     last_committed = checkpointer.last_save_committed
     if worker.is_main and not preempted and last_committed:  # never export weights no checkpoint holds

@@ -15,8 +15,8 @@ import uuid
 
 import torch
 
+from service.checkpoint.catalog import list_checkpoints
 from service.checkpoint.export import export_checkpoint
-from service.checkpoint.manager import list_checkpoints
 from service.method.model import build_backbone
 from service.spec import StorageSpec
 from service.storage.filesystem import filesystem

@@ -25,7 +25,7 @@ import pytest
 import torch
 import yaml
 
-from service.checkpoint.manager import list_checkpoints
+from service.checkpoint.catalog import list_checkpoints
 from service.spec import StorageSpec
 from service.storage.filesystem import filesystem
 from tests.support.container_engine import ENGINE, IMAGE, engine

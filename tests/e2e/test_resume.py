@@ -21,8 +21,8 @@ import pytest
 import torch
 import torchvision
 
+from service.checkpoint.catalog import list_checkpoints
 from service.checkpoint.export import read_weights
-from service.checkpoint.manager import list_checkpoints
 from service.spec import StorageSpec
 from tests.support.runs import BIN, DIGITS, ROOT, SHARED, environment, resumed_step, stats_records, step_losses
 

@@ -10,8 +10,8 @@ import subprocess
 import pytest
 import torch
 
+from service.checkpoint.catalog import list_checkpoints
 from service.checkpoint.export import read_weights
-from service.checkpoint.manager import list_checkpoints
 from service.spec import StorageSpec
 from tests.support.runs import (
     BIN,

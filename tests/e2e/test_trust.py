@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from service.checkpoint.catalog import list_checkpoints, verify_checkpoint
 from service.checkpoint.export import checkpoint_backbone, read_weights
-from service.checkpoint.manager import list_checkpoints, verify_checkpoint
 from service.cli.main import main
 from service.spec import StorageSpec
 from service.storage.filesystem import filesystem

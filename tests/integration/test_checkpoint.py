@@ -24,7 +24,7 @@ import torch
 from s3fs import S3FileSystem
 
 from service.checkpoint import dcp_io
-from service.checkpoint.manager import inspect_checkpoint, list_checkpoints, verify_checkpoint
+from service.checkpoint.catalog import inspect_checkpoint, list_checkpoints, verify_checkpoint
 from service.cli.main import main
 from service.errors import CheckpointError
 from service.spec import ModelSpec, StorageSpec

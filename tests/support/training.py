@@ -8,11 +8,23 @@ import torch
 from service.checkpoint.manager import CheckpointManager
 from service.method.model import BarlowTwins
 from service.method.optim import build_lars
+from service.run.lease import take_lease
 from service.runtime.distributed import Worker
 from service.spec import CheckpointSpec, ModelSpec, StorageSpec, TrainSpec
 
 MODEL = ModelSpec(backbone="resnet18", stem="cifar", projector="32-16")
 WORKER = Worker(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+class _HoldingItsLease(CheckpointManager):
+    """A manager that gives its lease back when it closes, as a training run does at its end."""
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if self.lease is not None:
+                self.lease.release()
 
 
 class Training:
@@ -27,10 +39,12 @@ class Training:
         self.scaler = torch.amp.GradScaler("cpu", enabled=fp16, init_scale=2.0**10)  # fp16: its state is saved
         spec = TrainSpec.model_validate({"data": {"dataset": "digits"}, "model": model.model_dump(),
                                          "run": {"output": run_url}})
-        self.manager = CheckpointManager(
-            run_url=run_url, spec=CheckpointSpec(**checkpoint), storage=storage, worker=WORKER, model=self.model,
+        checkpoint_spec = CheckpointSpec(**checkpoint)
+        lease = take_lease(run_url, storage, WORKER, None, timeout_s=checkpoint_spec.lease_timeout)
+        self.manager = _HoldingItsLease(
+            run_url=run_url, spec=checkpoint_spec, storage=storage, worker=WORKER, model=self.model,
             optimizer=self.optimizer, scaler=self.scaler, steps_per_epoch=4,
-            resolved_spec=spec.model_dump(mode="json"),
+            resolved_spec=spec.model_dump(mode="json"), lease=lease,
         )
 
     def step(self, seed: int) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from service.data.pack import _is_part
 from service.data.shards import ShardIndex, shard_key
-from service.errors import SpecError
+from service.errors import JobError, SpecError
 from service.launch.job_spec import SPEC_ENV
 from service.launch.scheduler import BarlowKubernetesScheduler
 from service.reports.report import MAX_RECORD_BYTES, check_records
@@ -131,8 +131,8 @@ class Api:
 
 @pytest.mark.parametrize("spec, error, why", [
     ("run: " + "[" * 5_000, SpecError, "nests too deeply"),
-    ("- 1\n", ValueError, "not a spec with a run.output"),
-    ("run: {output: [1]}", ValueError, "not a spec with a run.output"),
+    ("- 1\n", JobError, "not a spec with a run.output"),
+    ("run: {output: [1]}", JobError, "not a spec with a run.output"),
 ])
 def test_a_jobs_shipped_spec_that_is_no_spec_is_one_error(monkeypatch, spec, error, why):
     """Before: yaml.safe_load's RecursionError, and TypeError or KeyError tracebacks."""
