@@ -29,7 +29,8 @@ from service.method.transforms import geometric_pipeline  # noqa: E402
 from service.runtime.distributed import Worker  # noqa: E402
 from service.runtime.precision import Precision  # noqa: E402
 from service.spec import AugmentSpec, LossSpec, ModelSpec  # noqa: E402
-from service.train.trainer import place_model, training_step  # noqa: E402
+from service.train.placement import place_model  # noqa: E402
+from service.train.step import training_step  # noqa: E402
 
 CONFIGS = {  # name: (precision, channels_last, compile, real input)
     "fp32": ("fp32", False, False, False),

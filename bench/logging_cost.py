@@ -35,7 +35,7 @@ from service.runtime import distributed  # noqa: E402
 from service.runtime.guard import NonFiniteGuard  # noqa: E402
 from service.runtime.precision import Precision  # noqa: E402
 from service.spec import LossSpec, ModelSpec, StorageSpec  # noqa: E402
-from service.train.trainer import read_logged_step, training_step  # noqa: E402
+from service.train.step import read_logged_step, training_step  # noqa: E402
 
 PROJECTOR = "1024-1024-1024"
 

@@ -31,7 +31,7 @@ from service.method.optim import build_lars  # noqa: E402
 from service.runtime.guard import NonFiniteGuard  # noqa: E402
 from service.runtime.precision import Precision  # noqa: E402
 from service.spec import LossSpec, ModelSpec  # noqa: E402
-from service.train.trainer import training_step  # noqa: E402
+from service.train.step import training_step  # noqa: E402
 
 PROJECTOR = "1024-1024-1024"
 

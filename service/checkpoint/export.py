@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from service.checkpoint.dcp_io import CorruptCheckpoint, load
 from service.checkpoint.catalog import inspect_checkpoint, list_checkpoints
+from service.checkpoint.dcp_io import CorruptCheckpoint, load
 from service.errors import CheckpointError, StorageError
 from service.method.model import BarlowTwins
-from service.spec import ModelSpec, StorageSpec, TrainSpec, spec_to_yaml
+from service.run import layout
+from service.spec import ModelSpec, StorageSpec, TrainSpec
 from service.storage.filesystem import explain, filesystem, fsspec_options, is_remote, storage_errors
 
 
@@ -40,16 +41,14 @@ def write_backbone(state: dict[str, torch.Tensor], url: str, storage: StorageSpe
 
 def exported_weights_url(spec: TrainSpec) -> str:
     """Where a training run exports its backbone: `<run.output>/<backbone>.pth`."""
-    return f"{spec.run.output.rstrip('/')}/{spec.model.backbone}.pth"
+    return layout.under(spec.run.output, layout.weights_name(spec.model.backbone))
 
 
 def export_backbone(model: nn.Module, spec: TrainSpec) -> str:
-    """Write `<backbone>.pth` and the resolved spec into the run's output; returns the weights' URL."""
-    output = spec.run.output.rstrip("/")
+    """Write `<backbone>.pth` into the run's output (its spec.yaml was written when the run started); returns the
+    weights' URL."""
     url = exported_weights_url(spec)
     write_backbone(backbone_state_dict(model), url, spec.storage)
-    fs, path = filesystem(output, spec.storage)
-    fs.pipe_file(f"{path}/spec.yaml", spec_to_yaml(spec).encode())
     return url
 
 

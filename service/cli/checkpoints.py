@@ -20,7 +20,7 @@ def print_checkpoints(run: str, storage: StorageSpec, verify: bool) -> int:
     """The run's checkpoints, one row each; with `verify`, every byte checked. 1 when a checkpoint fails it."""
     from service.checkpoint.catalog import list_checkpoints, verify_checkpoint
 
-    rows = [HEADER]
+    rows: list[tuple[str, ...]] = [HEADER]
     corrupt = False
     for checkpoint in list_checkpoints(run, storage):
         if verify and checkpoint.valid:  # an invalid one already says why: reading its bytes would add nothing

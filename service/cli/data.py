@@ -8,7 +8,7 @@ import sys
 
 from service.cli.parser import storage_spec
 from service.errors import StorageError
-from service.storage.filesystem import require_exists
+from service.storage.filesystem import filesystem, require_exists
 
 
 def data_command(args: argparse.Namespace, argv: list[str] | None) -> int:
@@ -33,7 +33,6 @@ def list_command(args: argparse.Namespace) -> int:
     from service.data.pack import PLAN
     from service.data.shard_reader import read_index, split_url
     from service.data.shards import INDEX
-    from service.storage.filesystem import filesystem
 
     storage = storage_spec(args)
     fs, path = filesystem(args.url, storage)

@@ -33,12 +33,12 @@ from service.evaluation.probes import gathered_features, knn_scores, topk_correc
 from service.method.model import BACKBONE_FEATURES, build_backbone
 from service.method.transforms import classification_pipelines
 from service.observe.stats import TrainingStats
-from service.run.layout import checkpoints_url
+from service.run import layout
 from service.run.lease import take_lease
 from service.runtime import distributed
 from service.runtime.distributed import shard
 from service.runtime.precision import Precision
-from service.spec import EvaluateSpec, spec_to_yaml
+from service.spec import EvaluateSpec
 from service.storage.filesystem import check_writable, filesystem, is_remote
 
 log = logging.getLogger("barlow")
@@ -149,7 +149,9 @@ def _evaluate(spec: EvaluateSpec, command: str, worker: distributed.Worker, forc
     loading = LoaderSettings.choose(spec.data, batch_bytes=per_rank_batch * 3 * spec.data.image_size ** 2 * 4,
                                     local_workers=distributed.local_world_size(), cuda=worker.device.type == "cuda")
 
-    if spec.eval.mode == "knn":
+    if spec.eval.mode == "knn":  # no training, so no checkpoints and no lease
+        if worker.is_main:
+            layout.write_spec(spec.run.output, spec.storage, spec)
         network.fc = nn.Identity()
         bank = gathered_features(network, Transformed(train_images, val_transform, indices), worker,
                                  per_rank_batch, loading.workers)
@@ -191,7 +193,7 @@ def _evaluate(spec: EvaluateSpec, command: str, worker: distributed.Worker, forc
     steps_per_epoch = len(loader)
     scaler = precision.grad_scaler()
     # the run's output must be writable, and ours, before anything is written there
-    check_writable(checkpoints_url(spec.run.output), spec.storage)
+    check_writable(layout.checkpoints_url(spec.run.output), spec.storage)
     group = distributed.new_cpu_group()  # the checkpoints' and the lease's collectives, off the step's
     lease = take_lease(spec.run.output, spec.storage, worker, group, timeout_s=spec.checkpoint.lease_timeout,
                        force=force)
@@ -202,6 +204,9 @@ def _evaluate(spec: EvaluateSpec, command: str, worker: distributed.Worker, forc
     )
     try:
         step = checkpointer.restore()
+        # after the restore: a resume it refuses (a recipe changed without allow_changes) keeps the run's spec.yaml
+        if worker.is_main:
+            layout.write_spec(spec.run.output, spec.storage, spec)
     except BaseException:
         checkpointer.close()
         if lease is not None:  # given back now: a corrected rerun need not wait for it to go stale
@@ -255,7 +260,7 @@ def _evaluate(spec: EvaluateSpec, command: str, worker: distributed.Worker, forc
     acc1, acc5, best1, best5 = model.accuracies.tolist()
     result = EvaluationResult(spec.eval.mode, acc1, acc5, best1, best5, spec.eval.epochs, train_count, spec.run.output)
     if worker.is_main:
-        write_backbone(network.state_dict(), f"{spec.run.output.rstrip('/')}/classifier.pth", spec.storage)
+        write_backbone(network.state_dict(), layout.under(spec.run.output, "classifier.pth"), spec.storage)
     _write_results(spec, result, worker)
     return result
 
@@ -269,9 +274,9 @@ def _check_unchanged(pretrained: dict[str, torch.Tensor], network: nn.Module) ->
 
 def _write_results(spec: EvaluateSpec, result: EvaluationResult, worker: distributed.Worker) -> None:
     if worker.is_main:
-        fs, path = filesystem(spec.run.output.rstrip("/"), spec.storage)
-        if not is_remote(spec.run.output):
-            fs.makedirs(path, exist_ok=True)
-        fs.pipe_file(f"{path}/results.json", json.dumps(asdict(result), indent=1).encode())
-        fs.pipe_file(f"{path}/spec.yaml", spec_to_yaml(spec).encode())
+        url = layout.under(spec.run.output, layout.RESULTS)
+        fs, path = filesystem(url, spec.storage)
+        if not is_remote(url):
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(path, json.dumps(asdict(result), indent=1).encode())
     distributed.barrier()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.checkpoint.catalog import CheckpointInfo, list_checkpoints
-from service.errors import JobError, SpecError, StorageError
+from service.errors import SpecError, StorageError
 from service.reports.run_log import STATS, RunLog, read_run_log
 from service.run.lease import LEASE_FILE, LEASE_LIMIT, LeaseRecord
 from service.spec import MAX_SPEC_BYTES, CheckpointSpec, StorageSpec, safe_yaml
@@ -113,45 +113,6 @@ def find_runs(url: str, storage: StorageSpec) -> list[str]:
     return runs
 
 
-def print_status(target: str, storage: StorageSpec) -> int:
-    """`barlow status TARGET`: a TorchX handle's state and its run's progress, or a run's progress by its URL."""
-    scheduler = _torchx_scheduler(target)
-    if scheduler is None:
-        print(format_status(read_progress(target, storage)))
-        return 0
-    from torchx.runner import get_runner
-    from torchx.specs.api import parse_app_handle
-
-    status = get_runner().status(target)
-    if status is None:
-        raise JobError(f"{target}: no such job (the {scheduler} scheduler does not know it)")
-    print(status)
-    if scheduler != "kubernetes":
-        print(f"the run's progress: barlow status RUN_URL (the job's run.output; the {scheduler} scheduler keeps no "
-              "record of it)")
-        return 0
-    from service.launch.scheduler import create_scheduler
-
-    handle = parse_app_handle(target)
-    location = create_scheduler(handle.session_name).run_location(handle.app_id)
-    if location is None:
-        print("the run's progress: barlow status RUN_URL (the job carries no resolved spec, so its run.output is "
-              "not known here)")
-        return 0
-    run_url, job_storage = location
-    if not is_remote(run_url):
-        print(f"the run writes to {run_url} on the pods' volume, which cannot be read from here")
-        return 0
-    given = {key: getattr(storage, key) for key in ("endpoint_url", "region", "profile") if getattr(storage, key)}
-    try:
-        progress = read_progress(run_url, job_storage.model_copy(update=given))
-    except NoRun:
-        print(f"{run_url}: nothing written yet (the job has not started training)")
-        return 0
-    print(format_status(progress))
-    return 0
-
-
 def print_runs(url: str, storage: StorageSpec) -> int:
     """`barlow runs ls URL`: one aligned row per run, the most recently updated first. A run whose files are not
     what this project writes (UntrustedObject) is listed as `unreadable`, its reason on standard error, and the
@@ -203,16 +164,6 @@ def format_status(progress: Progress, now: float | None = None) -> str:
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
-
-
-def _torchx_scheduler(target: str) -> str | None:
-    """The TorchX scheduler a handle names (kubernetes://SESSION/NAMESPACE:NAME), None for a run's location."""
-    scheme, sep, _ = target.partition("://")
-    if not sep:
-        return None
-    from torchx.schedulers import get_scheduler_factories
-
-    return scheme if scheme in get_scheduler_factories() else None
 
 
 def _read(fs: Any, path: str, limit: int, what: str) -> bytes | None:

@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import re
 
+from service.errors import StorageError
+from service.spec import EvaluateSpec, StorageSpec, TrainSpec, spec_to_yaml
+from service.storage.filesystem import explain, filesystem, is_remote, storage_errors
+
 SPEC = "spec.yaml"
 STATS = "stats.txt"
 LEASE = "lease.json"
@@ -50,3 +54,18 @@ def checkpoint_step(url: str) -> int | None:
 def weights_name(backbone: str) -> str:
     """The exported backbone's file name, as the reference's `resnet50.pth`."""
     return f"{backbone}.pth"
+
+
+def write_spec(run_url: str, storage: StorageSpec, spec: TrainSpec | EvaluateSpec) -> str:
+    """Write the resolved spec to RUN/spec.yaml, replacing an earlier attempt's; returns its URL. A storage failure
+    is a StorageError naming the URL. Only a local path gets its missing folders (makedirs on an object store would
+    create a missing bucket)."""
+    url = under(run_url, SPEC)
+    fs, path = filesystem(url, storage)
+    try:
+        if not is_remote(url):
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(path, spec_to_yaml(spec).encode())
+    except storage_errors() as error:
+        raise StorageError(explain(url, error)) from None
+    return url

@@ -12,16 +12,31 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
 
 from service.errors import StorageError
-from service.spec import StorageSpec
 
 log = logging.getLogger("barlow")
 T = TypeVar("T")
+
+
+class StorageSettings(Protocol):
+    """How to reach a URL's store: the spec's `storage` section (service.spec.StorageSpec) is one. Storage lies
+    below the spec, so it names only what it reads."""
+
+    @property
+    def endpoint_url(self) -> str | None: ...
+    @property
+    def region(self) -> str | None: ...
+    @property
+    def profile(self) -> str | None: ...
+    @property
+    def retries(self) -> int: ...
+    @property
+    def options(self) -> dict[str, Any]: ...
 
 
 def is_remote(url: str) -> bool:
@@ -29,8 +44,8 @@ def is_remote(url: str) -> bool:
     return protocol not in ("file", "local")
 
 
-def fsspec_options(url: str, spec: StorageSpec) -> dict[str, Any]:
-    """The fsspec options of `url`'s filesystem for the spec's storage settings."""
+def fsspec_options(url: str, spec: StorageSettings, retries: int | None = None) -> dict[str, Any]:
+    """The fsspec options of `url`'s filesystem for the spec's storage settings (`retries`: instead of theirs)."""
     options = copy.deepcopy(spec.options)  # the defaults below go into nested dicts: never into the spec's
     if fsspec.utils.get_protocol(url) in ("s3", "s3a"):
         if spec.endpoint_url:
@@ -41,16 +56,17 @@ def fsspec_options(url: str, spec: StorageSpec) -> dict[str, Any]:
             options.setdefault("client_kwargs", {}).setdefault("region_name", spec.region)
         options.setdefault("use_listings_cache", False)  # other workers and runs change the bucket under us
         config = options.setdefault("config_kwargs", {})
-        config.setdefault("retries", {"max_attempts": spec.retries + 1, "mode": "standard"})
+        attempts = (spec.retries if retries is None else retries) + 1
+        config.setdefault("retries", {"max_attempts": attempts, "mode": "standard"})
         config.setdefault("connect_timeout", 10)
         config.setdefault("read_timeout", 120)
     return options
 
 
-def filesystem(url: str, spec: StorageSpec) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem and the protocol-less path of `url`."""
+def filesystem(url: str, spec: StorageSettings, retries: int | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and the protocol-less path of `url` (`retries`: instead of the settings')."""
     try:
-        return url_to_fs(url, **fsspec_options(url, spec))
+        return url_to_fs(url, **fsspec_options(url, spec, retries))
     except ImportError as error:
         raise StorageError(f"{url}: no filesystem installed for this protocol ({error})") from None
 
@@ -87,7 +103,7 @@ def storage_errors() -> tuple[type[BaseException], ...]:
     return (OSError, BotoCoreError, ClientError)
 
 
-def require_exists(url: str, spec: StorageSpec) -> None:
+def require_exists(url: str, spec: StorageSettings) -> None:
     """Raise StorageError naming `url` when nothing is stored there: its bucket is missing, or no object or folder
     is under it. Other failures (credentials, network) propagate, for explain()."""
     fs, path = filesystem(url, spec)
@@ -104,9 +120,9 @@ def require_exists(url: str, spec: StorageSpec) -> None:
     raise StorageError(f"{url}: nothing is stored under this URL: check it (a run's run.output)")
 
 
-def check_writable(url: str, spec: StorageSpec) -> None:
+def check_writable(url: str, spec: StorageSettings) -> None:
     """Fail fast, before any training, when the run's location cannot be written (one quick attempt)."""
-    fs, path = filesystem(url, spec.model_copy(update={"retries": 0}))
+    fs, path = filesystem(url, spec, retries=0)
     probe = f"{path.rstrip('/')}/.barlow-write-check-{uuid.uuid4().hex}"  # one per worker: they probe at once
     try:
         if not is_remote(url):

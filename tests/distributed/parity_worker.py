@@ -17,7 +17,8 @@ from service.method.optim import LearningRateSchedule, build_lars
 from service.runtime import distributed
 from service.runtime.precision import Precision
 from service.spec import LossSpec, ModelSpec
-from service.train.trainer import place_model, training_step
+from service.train.placement import place_model
+from service.train.step import training_step
 
 GLOBAL_BATCH = 16
 STEPS = 3

@@ -53,4 +53,5 @@ def test_a_worker_that_raises_leaves_its_traceback_in_torchrun_error_file(tmp_pa
     assert "error_file: <N/A>" not in root_cause, root_cause
     assert "RuntimeError: boom at step 3" in root_cause
     assert re.search(r'service/__main__\.py", line \d+, in main\n\s+return cli\.main\(\)', root_cause), root_cause
-    assert re.search(r'service/cli\.py", line \d+, in main\n\s+result = train\(', root_cause), root_cause
+    assert re.search(r'service/cli/training\.py", line \d+, in train_command\n\s+result = train\(',
+                     root_cause), root_cause

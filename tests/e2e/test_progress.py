@@ -15,7 +15,7 @@ import time
 import pytest
 
 from service.launch.scheduler import BarlowKubernetesScheduler
-from service.reports.progress import print_status
+from service.launch.status import print_status
 from service.spec import StorageSpec
 from service.storage.filesystem import filesystem
 from tests.support.runs import S3_ENV, copy_tree, events, logged_steps, run_barlow
@@ -143,7 +143,7 @@ def test_status_of_a_kubernetes_job_reads_its_run_on_s3(tiny_run, s3_server, s3_
     not_started = VolcanoApi(rendered_job(f"run.output={s3_bucket}/runs/not-yet",
                                           f"storage.endpoint_url={s3_server.endpoint_url}")).job
     runner = Runner("AppStatus: RUNNING")
-    monkeypatch.setattr("torchx.runner.get_runner", lambda: runner)
+    monkeypatch.setattr("service.launch.status.get_runner", lambda: runner)
     monkeypatch.setattr(BarlowKubernetesScheduler, "_custom_objects_api", lambda self: api)
     handle = "kubernetes://torchx/barlow:barlowtwins-k1"
     assert print_status(handle, StorageSpec()) == 0

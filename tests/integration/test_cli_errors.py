@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from service import cli
+from service.cli import parser as cli_parser
 from service.spec import StorageSpec
 from tests.support.commands import barlow
 from tests.support.s3_server import S3Server, free_port
@@ -63,7 +63,7 @@ def no_retries(monkeypatch):
     """The storage settings the CLI builds, without retries: an unreachable endpoint fails at once instead of after
     botocore's backoff (half a minute a command), with the same error. `barlow checkpoints ls` and `barlow export`
     have no option for it."""
-    monkeypatch.setattr(cli, "StorageSpec", functools.partial(StorageSpec, retries=0))
+    monkeypatch.setattr(cli_parser, "StorageSpec", functools.partial(StorageSpec, retries=0))
 
 
 @pytest.mark.parametrize("case", list(CAUSES))

@@ -13,8 +13,8 @@ import torch
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex
 
-from service.checkpoint import dcp_io
 from service.checkpoint import catalog as checkpoint
+from service.checkpoint import dcp_io
 from service.checkpoint.dcp_io import CorruptCheckpoint, ForeignObject, load_item, read_metadata
 from service.storage.untrusted import UntrustedObject
 

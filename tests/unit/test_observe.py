@@ -19,7 +19,7 @@ from service.observe.tensorboard import correlation_colors
 from service.runtime.distributed import Worker
 from service.runtime.precision import Precision
 from service.spec import LossSpec, ModelSpec, load_spec
-from service.train.trainer import training_step
+from service.train.step import training_step
 from tests.support.runs import DIGITS, ROOT
 
 # --- the measurements, by hand ---

@@ -16,7 +16,8 @@ import pytest
 
 from components.barlowtwins import train as train_component
 from service.launch.scheduler import BarlowKubernetesScheduler
-from service.reports.progress import NoRun, print_status, read_progress
+from service.launch.status import print_status
+from service.reports.progress import NoRun, read_progress
 from service.spec import StorageSpec
 
 WALL_1, WALL_2 = 1_700_000_000.0, 1_700_010_000.0  # the two attempts' start times
@@ -168,7 +169,7 @@ class Runner:
 
 
 def test_status_of_a_local_job_points_to_the_run(monkeypatch, capsys):
-    monkeypatch.setattr("torchx.runner.get_runner", lambda: Runner("AppStatus: SUCCEEDED"))
+    monkeypatch.setattr("service.launch.status.get_runner", lambda: Runner("AppStatus: SUCCEEDED"))
     assert print_status("local_cwd://torchx/barlowtwins-abc", StorageSpec()) == 0
     assert capsys.readouterr().out.splitlines() == [
         "AppStatus: SUCCEEDED",

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 import components.barlowtwins as barlowtwins
 from service import cli
+from service.cli import training as cli_training
 from service.credentials import is_credential_key, redact_arguments
 from service.errors import SpecError
 from service.spec import MAX_SPEC_VALUES, EvaluateSpec, StorageSpec, TrainSpec, load_spec
@@ -264,7 +265,7 @@ def test_train_and_evaluate_record_the_command_redacted(monkeypatch, capsys):
     monkeypatch.setattr(service.train.trainer, "train", recording("train"))
     monkeypatch.setattr(service.evaluation.evaluate, "evaluate", recording("evaluate"))
     # The spec refuses these values itself; the redaction is the second line, so the spec is loaded without them.
-    monkeypatch.setattr(cli, "load_spec", lambda path, overrides, **kwargs: load_spec(path, [], **kwargs))
+    monkeypatch.setattr(cli_training, "load_spec", lambda path, overrides, **kwargs: load_spec(path, [], **kwargs))
     assert cli.main(["train", DIGITS, "--set", f"run.output=memory://user:{SECRET}@bucket/run"]) == 2
     assert cli.main(["evaluate", DIGITS_LINEAR, "--set", f"backbone.weights=https://user:{SECRET}@host/w.pth"]) == 2
     assert recorded["train"] == f"barlow train {DIGITS} --set 'run.output=memory://***@bucket/run'"

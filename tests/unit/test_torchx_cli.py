@@ -63,9 +63,10 @@ def test_every_argument_is_covered_here(component):
 
 
 def test_barlow_submit_has_an_option_for_every_argument():
-    from service.cli.main import COMPONENT_ARGUMENTS, _parser
+    from service.cli.jobs import COMPONENT_ARGUMENTS
+    from service.cli.parser import build_parser
 
-    submit = _parser().parse_args(["submit", "s.yaml", "--scheduler", "kubernetes"])
+    submit = build_parser().parse_args(["submit", "s.yaml", "--scheduler", "kubernetes"])
     assert {"spec", "overrides", *COMPONENT_ARGUMENTS} == set(EVERY_ARGUMENT)
     assert all(hasattr(submit, option) for option in COMPONENT_ARGUMENTS.values())
 

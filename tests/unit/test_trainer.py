@@ -8,7 +8,7 @@ from service.method.model import BarlowTwins
 from service.method.optim import build_lars
 from service.runtime.precision import Precision
 from service.spec import LossSpec, ModelSpec
-from service.train.trainer import training_step
+from service.train.step import training_step
 
 
 def test_precision_choice_per_device():
