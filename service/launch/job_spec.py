@@ -19,10 +19,10 @@ from service.spec import (
     EvaluateSpec,
     TrainSpec,
     kind_of,
-    load_spec,
     read_spec_data,
     spec_digest,
     spec_to_yaml,
+    validate_spec,
 )
 
 SPEC_ENV = "BARLOW_SPEC"
@@ -60,12 +60,13 @@ def resolve_job_spec(spec: str, overrides: list[str], world_size: int, kind: typ
 
 def _validated(spec: str, overrides: list[str], world_size: int, kind: type[TrainSpec] | type[EvaluateSpec]
                ) -> TrainSpec | EvaluateSpec:
-    found = kind_of(read_spec_data(spec, overrides))
+    data = read_spec_data(spec, overrides)  # the one read: the kind and the validation see the same text
+    found = kind_of(data)
     if found is not kind:
         component, what = ("evaluate", "an evaluation") if found is EvaluateSpec else ("train", "a training")
         raise SpecError(f"spec {spec} is {what} spec (it {'has' if found is EvaluateSpec else 'lacks'} an eval or "
                         f"backbone section): launch it with the {component} component (barlowtwins.{component})")
-    return load_spec(spec, overrides, world_size=world_size, kind=kind)
+    return validate_spec(data, overrides, world_size=world_size, kind=kind, source=spec)
 
 
 def _override(key: str, overrides: list[str]) -> str | None:

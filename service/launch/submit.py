@@ -16,7 +16,7 @@ from torchx.runner import Runner, get_runner
 from torchx.specs import AppDryRunInfo
 
 from service.launch.torchx_api import SubmissionError, apply_torchxconfig, component_defaults, dryrun_app
-from service.spec import EvaluateSpec, spec_kind
+from service.spec import EvaluateSpec, reading_each_spec_once, spec_kind
 
 LIST_ARGUMENTS = ("env", "mounts")  # the components take these as one comma-separated string
 
@@ -63,9 +63,10 @@ class Submission:
     def prepare(cls, spec: str, arguments: dict[str, Any], overrides: list[str], scheduler: str,
                 run_options: dict[str, Any], workspace: str | None = None) -> Submission:
         """`spec` is the component's spec argument (a path, a URL or image:PATH); the component follows its kind."""
-        component = component_for(spec_kind(spec.removeprefix("image:"), overrides))
-        session, info = dryrun(component, component_arguments({"spec": spec, **arguments}, overrides), scheduler,
-                               run_options, workspace=workspace)
+        with reading_each_spec_once():  # the kind chosen here and the component's validation: one read
+            component = component_for(spec_kind(spec.removeprefix("image:"), overrides))
+            session, info = dryrun(component, component_arguments({"spec": spec, **arguments}, overrides), scheduler,
+                                   run_options, workspace=workspace)
         return cls(session, info, scheduler)
 
     def describe(self) -> str:
