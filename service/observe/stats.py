@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from service.observe.tensorboard import EventFiles, correlation_colors
+from service.run.layout import STATS, under
 from service.spec import StorageSpec
 from service.storage.filesystem import explain, filesystem, is_remote
 
@@ -56,9 +57,9 @@ class TrainingStats:
         if not enabled:
             return
         # Object stores cannot append: a local copy is appended to and uploaded whole by sync().
-        self.fs, self.remote_path = filesystem(f"{output.rstrip('/')}/stats.txt", storage)
+        self.fs, self.remote_path = filesystem(under(output, STATS), storage)
         if is_remote(output):
-            self.local_path = Path(tempfile.mkdtemp(prefix="barlow-stats-")) / "stats.txt"
+            self.local_path = Path(tempfile.mkdtemp(prefix="barlow-stats-")) / STATS
             if self.fs.exists(self.remote_path):
                 self.fs.get_file(self.remote_path, str(self.local_path))
         else:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from service.run.layout import TENSORBOARD
 from service.spec import StorageSpec
 from service.storage.filesystem import explain, filesystem, is_remote
 
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("barlow")
 
-FOLDER = "tensorboard"
+FOLDER = TENSORBOARD  # under run.output
 EVENT_FILES = "events.out.tfevents.*"
 # the diverging map of the cross-correlation image: -1 blue, 0 white, +1 red (coolwarm's ends), linear between
 NEGATIVE, ZERO, POSITIVE = (59, 76, 192), (255, 255, 255), (180, 4, 38)

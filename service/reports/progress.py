@@ -20,7 +20,8 @@ from typing import Any
 
 from service.checkpoint.catalog import CheckpointInfo, list_checkpoints
 from service.errors import SpecError, StorageError
-from service.reports.run_log import STATS, RunLog, read_run_log
+from service.reports.run_log import RunLog, read_run_log
+from service.run.layout import SPEC, STATS
 from service.run.lease import LEASE_FILE, LEASE_LIMIT, LeaseRecord
 from service.spec import MAX_SPEC_BYTES, CheckpointSpec, StorageSpec, safe_yaml
 from service.storage.filesystem import explain, filesystem, is_remote, storage_errors
@@ -28,7 +29,6 @@ from service.storage.untrusted import UntrustedObject, read_bounded
 
 log = logging.getLogger("barlow")
 
-SPEC_FILE = "spec.yaml"
 ETA_LINES = 5  # the ETA's step time: the mean over this many of the newest logged lines of the current attempt
 
 
@@ -61,17 +61,17 @@ def read_progress(run_url: str, storage: StorageSpec, now: float | None = None) 
     try:
         fs, path = filesystem(run_url, storage)
         log = read_run_log(run_url, storage)
-        spec_text = _read(fs, f"{path.rstrip('/')}/{SPEC_FILE}", MAX_SPEC_BYTES, "spec")
+        spec_text = _read(fs, f"{path.rstrip('/')}/{SPEC}", MAX_SPEC_BYTES, "spec")
         lease_data = _read(fs, f"{path.rstrip('/')}/{LEASE_FILE}", LEASE_LIMIT, "lease record")
         if log is None and spec_text is None and lease_data is None:
             _require_bucket(run_url, fs, path)
-            raise NoRun(f"{run_url}: no run here (no {STATS}, {SPEC_FILE} or {LEASE_FILE}): check the URL (a run's "
+            raise NoRun(f"{run_url}: no run here (no {STATS}, {SPEC} or {LEASE_FILE}): check the URL (a run's "
                         "run.output); `barlow runs ls URL` lists the runs under a prefix")
         checkpoints = list_checkpoints(run_url, storage)
     except storage_errors() as error:
         raise StorageError(explain(run_url, error)) from None
     log = log or RunLog()
-    state, detail = _state(log, lease_data, _lease_timeout(spec_text, f"{run_url.rstrip('/')}/{SPEC_FILE}"), now)
+    state, detail = _state(log, lease_data, _lease_timeout(spec_text, f"{run_url.rstrip('/')}/{SPEC}"), now)
     step, epoch = _position(log)
     total = log.starts[-1]["total_steps"] if log.starts else None
     last = log.last_step
@@ -102,11 +102,11 @@ def find_runs(url: str, storage: StorageSpec) -> list[str]:
                 raise StorageError(f"{url}: no such folder") from None
             return []
         names = {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry["type"] for entry in entries}
-        runs = [base] if {STATS, SPEC_FILE} & names.keys() else []
+        runs = [base] if {STATS, SPEC} & names.keys() else []
         for name, kind in sorted(names.items()):
             if kind == "directory":
                 inside = {entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(f"{path}/{name}", detail=False)}
-                if {STATS, SPEC_FILE} & inside:
+                if {STATS, SPEC} & inside:
                     runs.append(f"{base}/{name}")
     except storage_errors() as error:
         raise StorageError(explain(url, error)) from None

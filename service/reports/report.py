@@ -40,6 +40,7 @@ from service.errors import SpecError, StorageError
 from service.observe.stats import CORRELATION_TAG
 from service.observe.tensorboard import EVENT_FILES, FOLDER, NEGATIVE, POSITIVE, ZERO
 from service.reports.run_log import RunLog, read_run_log
+from service.run.layout import SPEC, under
 from service.spec import MAX_SPEC_BYTES, StorageSpec, safe_yaml
 from service.storage.filesystem import filesystem, require_exists
 from service.storage.untrusted import MiB, UntrustedObject, checked_name, read_bounded
@@ -64,7 +65,7 @@ def write_report(run: str, output: str, storage: StorageSpec) -> str:
     if log is None:
         require_exists(run, storage)  # a missing bucket or folder says so first
         raise StorageError(f"{run}: no stats.txt here: is it a run's output (run.output)?")
-    spec_text = _read_text(f"{run}/spec.yaml", storage)
+    spec_text = _read_text(under(run, SPEC), storage)
     checkpoints = [c for c in list_checkpoints(run, storage) if c.valid]
     image = _newest_correlation_image(run, storage)
     events = _events(log)
@@ -291,7 +292,7 @@ def _figures(log: RunLog, events: list[dict[str, Any]], spec_text: str | None,
     series = {field: _series(log.steps, field) for field in (
         "loss", "loss_on_diag", "loss_off_diag", "lr_weights", "lr_biases", "images_per_s", "data_wait",
         "peak_memory_gib", "embedding_std", "step_time")}
-    width = _projector_width(spec_text, f"{run}/spec.yaml")
+    width = _projector_width(spec_text, under(run, SPEC))
     plots: list[tuple[str, str, Figure, dict[str, Any]]] = []
 
     def curve(name: str, title: str, fields: list[str], ylabel: str, **options) -> None:

@@ -21,13 +21,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.run.layout import STATS
 from service.spec import StorageSpec
 from service.storage.filesystem import filesystem
 from service.storage.untrusted import KiB, MiB, bounded_lines
 
 log = logging.getLogger("barlow")
 
-STATS = "stats.txt"
 # 1000 ImageNet epochs at batch 256 logged every 100 steps (the reference's log_every) write 50,000 lines of ~450
 # bytes, 22 MB; 64 MiB is ~150,000 lines, ~250 MB once parsed (~1.6 KB a line): status and report stay small
 MAX_STATS_BYTES = 64 * MiB
