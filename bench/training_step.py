@@ -6,7 +6,7 @@ BarlowTwinsLoss and LARS, with the same backbone, batch and inputs, in one run.
 
 Both: torchvision's ResNet-18 without fc, a 3-layer projector (the reference's layout, 1024-1024-1024 here), fp32,
 one process, both views through the backbone, loss, backward, LARS (momentum 0.9, trust 0.001, biases and
-BatchNorm exempt from decay and trust ratio), zero_grad. Ours is service.train.trainer.training_step on BarlowTwins with
+BatchNorm exempt from decay and trust ratio), zero_grad. Ours is service.train.step.training_step on BarlowTwins with
 our multi-tensor LARS, without and with the non-finite guard the trainer adds (a finiteness check of the loss and
 the gradients, and LARS made conditional on it); the ratio is to lightly's step, measured in the same run (median
 over steps, after warm-up).

@@ -113,7 +113,8 @@ class ForeignObject(CorruptCheckpoint):
 
 # Every global a DCP `.metadata` of this project's checkpoints refers to (torch 2.14), besides torch's dtypes and,
 # from Python 3.12 on, `builtins.getattr` for Enum members (admitted for that alone: `_enum_member`):
-# tests/unit/test_dcp_io.py lists what real checkpoints of every kind need, so a torch that adds one fails there.
+# tests/unit/checkpoint/test_dcp_io.py lists what real checkpoints of every kind need, so a torch that adds one
+# fails there.
 METADATA_GLOBALS = frozenset({
     ("torch.distributed.checkpoint.metadata", "Metadata"),
     ("torch.distributed.checkpoint.metadata", "StorageMeta"),

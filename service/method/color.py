@@ -6,8 +6,8 @@ with masked batch operations, on the GPU when training runs there. The parameter
 probabilities and torchvision's ranges (ColorJitter(0.4, 0.4, 0.2, 0.1) in a random order per image with p=0.8,
 grayscale p=0.2, Gaussian blur sigma ~ U(0.1, 2), solarize at 128); the operations are torchvision's float kernels
 written for a batch with one factor per image, and the blur convolves with the sampled Gaussian (which the loader
-path's PIL blur approximates with box passes, as the reference's did). `tests/unit/test_color.py` checks them against
-torchvision.
+path's PIL blur approximates with box passes, as the reference's did). `tests/unit/method/test_color.py` checks
+them against torchvision.
 
 The global batch's parameters come from a generator seeded by (seed, epoch, step, view), and each worker applies
 its own rows: a run draws the same augmentations at any world size, as the per-image path does.

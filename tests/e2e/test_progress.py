@@ -2,7 +2,7 @@
 (service/reports/progress.py), of a run folder written here, of the shared tiny run on S3 (tests/e2e/conftest.py)
 and of copies of it, and of a Kubernetes job whose run is on S3.
 
-The expected numbers are worked out from the lines the tests write (tests/unit/test_progress.py), or read straight
+The expected numbers are worked out from the lines the tests write (tests/unit/reports/test_progress.py), or read
 from the JSON lines of the real run's stats.txt, never through the code under test. The Kubernetes lookup of a job's
 run is fed the Volcano Job that the real dry run renders; the API call itself is stubbed (there is no cluster here).
 """
@@ -18,8 +18,8 @@ from service.launch.scheduler import BarlowKubernetesScheduler
 from service.launch.status import print_status
 from service.spec import StorageSpec
 from service.storage.filesystem import filesystem
+from tests.support.progress import Runner, VolcanoApi, lease, rendered_job, write_synthetic_run
 from tests.support.runs import S3_ENV, copy_tree, events, logged_steps, run_barlow
-from tests.unit.test_progress import Runner, VolcanoApi, lease, rendered_job, write_synthetic_run
 
 FINISHED = 16  # the shared tiny run: one epoch of 16 steps, checkpoints 12 and 16 kept
 

@@ -137,7 +137,7 @@ def test_a_run_that_skips_a_corrupt_image_completes_and_counts_it(damaged_spec, 
 
 def test_fail_names_the_file_and_a_rerun_fails_the_same_way(damaged_spec, tmp_path):
     """The error is met in a loading process (data.workers=1) and must arrive whole; in the training process the
-    same error is raised the same way (tests/unit/test_shards.py)."""
+    same error is raised the same way (tests/unit/data/test_loader.py)."""
     spec, bad = damaged_spec
     for attempt in range(2):
         result = run_barlow("train", str(spec), *overrides(f"run.output={tmp_path / 'fail'}", "data.workers=1"))

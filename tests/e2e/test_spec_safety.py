@@ -2,7 +2,8 @@
 exit status 2, no traceback, no secret anywhere in its output. The cases where the process itself is what is
 tested: a secret in a YAML file (nothing the process prints may hold it), an alias bomb (refused under a 6 GiB
 address-space limit, where expanding it would need tens of GB) and a FIFO as the spec (opened for reading, it would
-block for ever). Every refusal through the entry point in process: tests/unit/test_spec_safety.py."""
+block for ever). Every refusal through the entry point in process: tests/unit/cli/test_main.py (the checks
+themselves: tests/unit/spec/test_sections.py and test_bounded_yaml.py, tests/unit/test_credentials.py)."""
 
 from __future__ import annotations
 

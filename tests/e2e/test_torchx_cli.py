@@ -1,7 +1,8 @@
 """The components as users launch them, through the real `torchx` and `barlow` executables in subprocesses: they
-render the job their entry points render in process (so tests/unit/test_torchx_cli.py, which runs every argument
-there, holds for the executables), they refuse with their exit status and one line on stderr, and the rendered
-container command, run as a pod would run it, trains on exactly the spec validated at submission.
+render the job their entry points render in process (so tests/unit/components/test_barlowtwins.py and
+tests/unit/cli/test_jobs.py, which run every argument there, hold for the executables), they refuse with their exit
+status and one line on stderr, and the rendered container command, run as a pod would run it, trains on exactly
+the spec validated at submission.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def test_the_executables_render_the_job_their_entry_points_render():
 def test_torchx_run_refuses_before_creating_anything():
     """One refusal of the executable (not a dry run: the job would be created, were the checks not first): exit 1,
     the message, no traceback, the refused credential named and never echoed. Every refusal in process:
-    tests/unit/test_torchx_cli.py."""
+    tests/unit/components/test_barlowtwins.py."""
     secret = "Sekr1t-in-env"
     result = torchx("run", "--workspace", "", "-s", "kubernetes", "barlowtwins.train", "--spec", "specs/digits.yaml",
                     "--env", f"AWS_SECRET_ACCESS_KEY={secret}", "run.output=s3://b/r", executable=True)

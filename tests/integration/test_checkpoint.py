@@ -2,7 +2,7 @@
 
 A run saved once per store (`saved_s3`, `saved_file`, `saved_memory`: trained two steps, saved as step 5) serves the
 tests that only read a checkpoint; a test that saves, damages or deletes checkpoints trains a run of its own. Which
-recipe changes a resume refuses, field by field: tests/unit/test_checkpoint.py.
+recipe changes a resume refuses, field by field: tests/unit/spec/test_recipe.py.
 """
 
 import io
@@ -167,7 +167,8 @@ def test_the_metadata_allow_list_is_what_real_checkpoints_need(saved_file, tmp_p
                    tmp_path / "fp16" / "checkpoints" / "step-000000004"]
     needed = set().union(*(metadata_globals(checkpoint) for checkpoint in checkpoints))
     dtypes = {(module, name) for module, name in needed if module == "torch" and name in dcp_io._DTYPES}
-    enum_by_name = {("builtins", "getattr")}  # Python >= 3.12 pickles Enum members so (tests/unit/test_dcp_io.py)
+    # Python >= 3.12 pickles Enum members so (tests/unit/checkpoint/test_dcp_io.py)
+    enum_by_name = {("builtins", "getattr")}
     assert dtypes and needed - dtypes - enum_by_name == dcp_io.METADATA_GLOBALS
 
 
@@ -469,7 +470,7 @@ def test_auto_resume_refuses_a_checkpoint_of_another_run_than_the_leases(tmp_pat
 ])
 def test_resume_compares_recipes(saved_file, change, allowed, refused):
     """A refused change, changes allowed by name, changes that alter nothing: every field's case is in
-    tests/unit/test_checkpoint.py."""
+    tests/unit/spec/test_recipe.py."""
     second = Training(saved_file.url, allow_changes=allowed)
     spec = second.manager.resolved_spec
     for section, fields in change.items():

@@ -1,6 +1,6 @@
 """Short real runs of the reference's evaluation protocols on the digits (specs/digits-linear.yaml at 8 px), in
 process: the linear probe, finetuning, kNN, resuming, loading processes, and torch.hub on the results. The probes'
-parts: tests/unit/test_evaluate.py.
+parts: tests/unit/evaluation/test_probes.py.
 
 The runs that several tests read are made once for the module (`linear_probe`, `knn_in_process`); a test that
 changes one works on a copy.
@@ -104,7 +104,7 @@ def test_rerun_resumes_the_finished_evaluation_instead_of_training_again(random_
 
 def test_evaluation_with_loading_processes_equals_loading_in_process(random_backbone, knn_in_process, tmp_path):
     """Two loading processes (consecutive batches from different processes), the prefetch sized by `auto`, read the
-    same images as loading in process. How `auto` sizes the processes: tests/unit/test_data.py."""
+    same images as loading in process. How `auto` sizes the processes: tests/unit/data/test_loader.py."""
     loaded = evaluate(digits_eval(random_backbone, tmp_path, "eval.mode=knn", "data.workers=2", "data.prefetch=auto"),
                       command="test")
     assert (loaded.acc1, loaded.acc5) == (knn_in_process.acc1, knn_in_process.acc5)

@@ -7,7 +7,7 @@ entry whose size and CRC32 match it. Every command must refuse in one line, run 
 payload's marker file must not exist) and read nothing outside the checkpoint; a resume treats the checkpoint as
 corrupt and falls back to the previous one. One tiny run is trained once for the module; each test plants into a
 copy (its checkpoints hard-linked: planting replaces files, it never writes into one). The readers' parts:
-tests/unit/test_dcp_io.py.
+tests/unit/checkpoint/test_dcp_io.py and test_catalog.py.
 """
 
 import io

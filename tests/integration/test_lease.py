@@ -1,5 +1,5 @@
 """The run lease against a moto S3 server, and processes racing for one lease on a local folder and on S3 (the
-cases on a local folder and fsspec's memory store in this process: tests/unit/test_lease.py)."""
+cases on a local folder and fsspec's memory store in this process: tests/unit/run/test_lease.py)."""
 
 import os
 import subprocess

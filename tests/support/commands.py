@@ -33,6 +33,26 @@ BIN = Path(sys.executable).parent
 TORCHX, BARLOW = str(BIN / "torchx"), str(BIN / "barlow")
 REQUEST_MARK = "=== SCHEDULER REQUEST ===\n"
 NO_CLUSTER = {"KUBECONFIG": "/nonexistent"}  # no job is ever created from a test
+# Every argument of the TorchX components, each with a value other than its default, as a user types it (the
+# components' tests check that it names them all, and `barlow submit`'s that it has an option for each)
+EVERY_ARGUMENT = {
+    "spec": None,  # per component: the tests choose one
+    "overrides": None,
+    "image": ["--image", "registry.example.com:5000/barlow/trainer:1.2"],
+    "nnodes": ["--nnodes", "2:3"],
+    "nproc_per_node": ["--nproc_per_node", "4"],
+    "h": None,  # a named resource replaces gpu/cpu/memMB: a run of its own
+    "gpu": ["--gpu", "4"],
+    "cpu": ["--cpu", "40"],
+    "memMB": ["--memMB", "300000"],
+    "shmMB": ["--shmMB", "20000"],
+    "max_restarts": ["--max_restarts", "7"],
+    "max_retries": ["--max_retries", "2"],
+    "rdzv_port": ["--rdzv_port", "29611"],
+    "env": ["--env", "AWS_REGION=eu-west-1,NCCL_DEBUG=INFO"],
+    "mounts": ["--mounts", "type=volume,src=imagenet,dst=/data/imagenet,readonly"],
+    "name": ["--name", "bt-cli"],
+}
 
 
 @dataclass

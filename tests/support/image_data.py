@@ -16,7 +16,8 @@ IMAGES_PER_CLASS = 12  # train/ holds 120 images: 5 global batches of 24
 
 # Random crops and flips alone: the colour augmentations cost about ten times more per image, and what the loader,
 # the sampler and the shard reader must get right (which sample, which views: a function of the seed, the epoch and
-# the index) does not depend on them. Their own tests: tests/unit/test_transforms.py, tests/unit/test_data.py.
+# the index) does not depend on them. Their own tests: tests/unit/method/test_transforms.py,
+# tests/unit/data/test_loader.py.
 CROP_AND_FLIP = AugmentSpec(color_jitter=0.0, grayscale=0.0, blur=(0.0, 0.0), solarize=(0.0, 0.0))
 
 

@@ -1,6 +1,6 @@
 """What a run lease does on every store (a local folder, fsspec's memory store, a moto S3 server): the tests of
 `LeaseCases` run once per store, in the test classes that give its `run_url` and `storage` fixtures
-(tests/unit/test_lease.py: local and memory; tests/integration/test_lease.py: S3)."""
+(tests/unit/run/test_lease.py: local and memory; tests/integration/test_lease.py: S3)."""
 
 from __future__ import annotations
 
