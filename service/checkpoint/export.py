@@ -7,11 +7,11 @@ from torch import nn
 
 from service.checkpoint.catalog import inspect_checkpoint, list_checkpoints
 from service.checkpoint.dcp_io import CorruptCheckpoint, load
-from service.errors import CheckpointError, StorageError
+from service.errors import CheckpointError
 from service.method.model import BarlowTwins
 from service.run import layout
 from service.spec import ModelSpec, StorageSpec, TrainSpec
-from service.storage.filesystem import explain, filesystem, fsspec_options, is_remote, storage_errors
+from service.storage.filesystem import filesystem, fsspec_options, open_for_writing
 
 
 def backbone_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -26,17 +26,9 @@ def backbone_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def write_backbone(state: dict[str, torch.Tensor], url: str, storage: StorageSpec) -> None:
-    """Save a backbone state_dict to a path or URL; a failure is a StorageError naming the URL.
-
-    Only a local path gets its missing folders: on an object store makedirs would create a missing bucket."""
-    fs, path = filesystem(url, storage)
-    try:
-        if not is_remote(url):
-            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        with fs.open(path, "wb") as file:
-            torch.save(state, file)
-    except storage_errors() as error:
-        raise StorageError(explain(url, error)) from None
+    """Save a backbone state_dict to a path or URL; a failure is a StorageError naming the URL."""
+    with open_for_writing(url, storage) as file:
+        torch.save(state, file)
 
 
 def exported_weights_url(spec: TrainSpec) -> str:

@@ -13,6 +13,7 @@ import sys
 
 from service.credentials import redact_arguments
 from service.observe.logs import configure_logging
+from service.run.layout import RESULTS, SPEC, STATS, checkpoints_url, under
 from service.spec import EvaluateSpec, load_spec
 
 
@@ -35,11 +36,11 @@ def train_command(args: argparse.Namespace, argv: list[str] | None) -> int:
         return 3
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary for the job, not one per worker
         if result.preempted:
-            print(f"stopped by SIGTERM after {result.steps} steps; checkpoint under {result.output}/checkpoints; "
+            print(f"stopped by SIGTERM after {result.steps} steps; checkpoint under {checkpoints_url(result.output)}; "
                   "run the same command to resume")
         else:
-            print(f"done: {result.steps} steps; stats {result.output}/stats.txt; backbone {result.weights}; "
-                  f"spec {result.output}/spec.yaml; checkpoints {result.output}/checkpoints")
+            print(f"done: {result.steps} steps; stats {under(result.output, STATS)}; backbone {result.weights}; "
+                  f"spec {under(result.output, SPEC)}; checkpoints {checkpoints_url(result.output)}")
     return 0
 
 
@@ -51,7 +52,7 @@ def evaluate_command(args: argparse.Namespace, argv: list[str] | None) -> int:
     result = evaluate(spec, command=_command_line(argv), force=args.force)
     if os.environ.get("RANK", "0") == "0":
         print(f"{result.mode}: top-1 {result.acc1:.2f} top-5 {result.acc5:.2f} (best {result.best_acc1:.2f} / "
-              f"{result.best_acc5:.2f}) on {result.train_images} training images; {result.output}/results.json")
+              f"{result.best_acc5:.2f}) on {result.train_images} training images; {under(result.output, RESULTS)}")
     return 0
 
 

@@ -34,12 +34,12 @@ from service.method.model import BACKBONE_FEATURES, build_backbone
 from service.method.transforms import classification_pipelines
 from service.observe.stats import TrainingStats
 from service.run import layout
-from service.run.lease import take_lease
+from service.run.lease import own_output
 from service.runtime import distributed
 from service.runtime.distributed import shard
 from service.runtime.precision import Precision
 from service.spec import EvaluateSpec
-from service.storage.filesystem import check_writable, filesystem, is_remote
+from service.storage.filesystem import write_bytes
 
 log = logging.getLogger("barlow")
 
@@ -192,11 +192,8 @@ def _evaluate(spec: EvaluateSpec, command: str, worker: distributed.Worker, forc
     val_set = Transformed(val_images, val_transform)
     steps_per_epoch = len(loader)
     scaler = precision.grad_scaler()
-    # the run's output must be writable, and ours, before anything is written there
-    check_writable(layout.checkpoints_url(spec.run.output), spec.storage)
-    group = distributed.new_cpu_group()  # the checkpoints' and the lease's collectives, off the step's
-    lease = take_lease(spec.run.output, spec.storage, worker, group, timeout_s=spec.checkpoint.lease_timeout,
-                       force=force)
+    lease, group = own_output(spec.run.output, spec.storage, worker, timeout_s=spec.checkpoint.lease_timeout,
+                              force=force)
     checkpointer = CheckpointManager(
         run_url=spec.run.output, spec=spec.checkpoint, storage=spec.storage, worker=worker, model=model,
         optimizer=optimizer, scaler=scaler, steps_per_epoch=steps_per_epoch, resolved_spec=spec.model_dump(mode="json"),
@@ -260,7 +257,7 @@ def _evaluate(spec: EvaluateSpec, command: str, worker: distributed.Worker, forc
     acc1, acc5, best1, best5 = model.accuracies.tolist()
     result = EvaluationResult(spec.eval.mode, acc1, acc5, best1, best5, spec.eval.epochs, train_count, spec.run.output)
     if worker.is_main:
-        write_backbone(network.state_dict(), layout.under(spec.run.output, "classifier.pth"), spec.storage)
+        write_backbone(network.state_dict(), layout.under(spec.run.output, layout.CLASSIFIER), spec.storage)
     _write_results(spec, result, worker)
     return result
 
@@ -274,9 +271,6 @@ def _check_unchanged(pretrained: dict[str, torch.Tensor], network: nn.Module) ->
 
 def _write_results(spec: EvaluateSpec, result: EvaluationResult, worker: distributed.Worker) -> None:
     if worker.is_main:
-        url = layout.under(spec.run.output, layout.RESULTS)
-        fs, path = filesystem(url, spec.storage)
-        if not is_remote(url):
-            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        fs.pipe_file(path, json.dumps(asdict(result), indent=1).encode())
+        write_bytes(layout.under(spec.run.output, layout.RESULTS), spec.storage,
+                    json.dumps(asdict(result), indent=1).encode())
     distributed.barrier()

@@ -7,6 +7,7 @@
     RUN/tensorboard/                    event files (pretraining)
     RUN/<backbone>.pth                  the exported backbone (pretraining, at its end)
     RUN/results.json                    an evaluation's numbers
+    RUN/classifier.pth                  an evaluation's backbone with its trained fc (linear, finetune)
 
 Writers and readers both name files through here, so a reader never guesses what a writer spelt.
 """
@@ -15,9 +16,8 @@ from __future__ import annotations
 
 import re
 
-from service.errors import StorageError
 from service.spec import EvaluateSpec, StorageSpec, TrainSpec, spec_to_yaml
-from service.storage.filesystem import explain, filesystem, is_remote, storage_errors
+from service.storage.filesystem import write_bytes
 
 SPEC = "spec.yaml"
 STATS = "stats.txt"
@@ -25,6 +25,7 @@ LEASE = "lease.json"
 CHECKPOINTS = "checkpoints"
 TENSORBOARD = "tensorboard"
 RESULTS = "results.json"
+CLASSIFIER = "classifier.pth"  # an evaluation's backbone with its trained fc
 CHECKPOINT_NAME = re.compile(r"step-([0-9]{9})")
 
 
@@ -58,14 +59,7 @@ def weights_name(backbone: str) -> str:
 
 def write_spec(run_url: str, storage: StorageSpec, spec: TrainSpec | EvaluateSpec) -> str:
     """Write the resolved spec to RUN/spec.yaml, replacing an earlier attempt's; returns its URL. A storage failure
-    is a StorageError naming the URL. Only a local path gets its missing folders (makedirs on an object store would
-    create a missing bucket)."""
+    is a StorageError naming the URL."""
     url = under(run_url, SPEC)
-    fs, path = filesystem(url, storage)
-    try:
-        if not is_remote(url):
-            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        fs.pipe_file(path, spec_to_yaml(spec).encode())
-    except storage_errors() as error:
-        raise StorageError(explain(url, error)) from None
+    write_bytes(url, storage, spec_to_yaml(spec).encode())
     return url

@@ -33,10 +33,10 @@ import torch.distributed as dist
 
 from service.errors import CheckpointError, StorageError
 from service.run import layout
-from service.runtime.distributed import Worker
+from service.runtime.distributed import Worker, new_cpu_group
 from service.spec import StorageSpec
 from service.storage.conditional import Conflict, Store, Stored, store_for
-from service.storage.filesystem import explain, filesystem
+from service.storage.filesystem import check_writable, explain, filesystem
 
 log = logging.getLogger("barlow")
 
@@ -255,6 +255,16 @@ class Lease:
                 return
             except Exception as error:  # noqa: BLE001 - the thread must outlive any storage failure
                 log.warning("lease heartbeat failed (%s); retrying in %g s", error, interval_s)
+
+
+def own_output(run_url: str, storage: StorageSpec, worker: Worker, *, timeout_s: float, force: bool = False
+               ) -> tuple[Lease | None, Any]:
+    """What a run does before it writes anything under `run_url`: check (on every rank) that its checkpoints/ can
+    be written, then take its lease (take_lease). Returns the lease and the gloo group of the run's checkpoint and
+    lease collectives, off the training step's (None in a world of one)."""
+    check_writable(layout.checkpoints_url(run_url), storage)
+    group = new_cpu_group()
+    return take_lease(run_url, storage, worker, group, timeout_s=timeout_s, force=force), group
 
 
 def take_lease(run_url: str, storage: StorageSpec, worker: Worker, group: Any, *, timeout_s: float,

@@ -111,9 +111,3 @@ class EvaluateSpec(JobSpec):
     run: RunSpec = Field(default_factory=lambda: RunSpec(output="./evaluation", log_every=50))
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
-
-    @model_validator(mode="after")
-    def _across_sections(self) -> EvaluateSpec:
-        self.check_allowed_changes()
-        self.check_data_path(self.data.dataset, self.data.path)
-        return self

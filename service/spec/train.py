@@ -34,12 +34,6 @@ class TrainSpec(JobSpec):
     monitor: MonitorSpec = Field(default_factory=MonitorSpec)
 
     @model_validator(mode="after")
-    def _across_sections(self) -> TrainSpec:
-        self.check_allowed_changes()
-        self.check_data_path(self.data.dataset, self.data.path)
-        return self
-
-    @model_validator(mode="after")
     def _batch_covers_workers(self, info: ValidationInfo) -> TrainSpec:
         world_size = (info.context or {}).get("world_size")
         if world_size and self.optim.batch_size < world_size:

@@ -7,12 +7,13 @@ web identity for IRSA on EKS).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from collections.abc import Callable, Iterator
+from typing import IO, Any, Protocol, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -118,6 +119,26 @@ def require_exists(url: str, spec: StorageSettings) -> None:
         except FileNotFoundError as error:
             raise StorageError(explain(url, error)) from None
     raise StorageError(f"{url}: nothing is stored under this URL: check it (a run's run.output)")
+
+
+@contextlib.contextmanager
+def open_for_writing(url: str, spec: StorageSettings) -> Iterator[IO[bytes]]:
+    """`url` opened for writing, replacing what is there; a failure is a StorageError naming the URL. Only a local
+    path gets its missing folders: on an object store makedirs would create a missing bucket."""
+    fs, path = filesystem(url, spec)
+    try:
+        if not is_remote(url):
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with fs.open(path, "wb") as file:
+            yield file
+    except storage_errors() as error:
+        raise StorageError(explain(url, error)) from None
+
+
+def write_bytes(url: str, spec: StorageSettings, data: bytes) -> None:
+    """Write one small object whole (see open_for_writing)."""
+    with open_for_writing(url, spec) as file:
+        file.write(data)
 
 
 def check_writable(url: str, spec: StorageSettings) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -31,15 +30,14 @@ from service.observe.logs import set_step
 from service.observe.stats import TrainingStats
 from service.observe.step_metrics import StepClock
 from service.observe.tensorboard import EventFiles
-from service.run.layout import checkpoint_url, checkpoints_url, write_spec
-from service.run.lease import Lease, take_lease
+from service.run.layout import checkpoint_url, write_spec
+from service.run.lease import Lease, own_output
 from service.runtime import distributed
 from service.runtime.distributed import shard
 from service.runtime.guard import NonFiniteGuard
 from service.runtime.precision import Precision
 from service.runtime.preemption import Preemption
 from service.spec import TrainSpec
-from service.storage.filesystem import check_writable
 from service.train.placement import place_model
 from service.train.step import StepOutput, read_logged_step, training_step
 
@@ -190,7 +188,8 @@ def build(spec: TrainSpec, command: str, worker: distributed.Worker, force: bool
     precision = Precision.choose(spec.run.precision, worker.device)
     scaler = precision.grad_scaler()
     monitor = KnnMonitor(spec, worker, batches.loading.workers)
-    lease, group = _take_output(spec, worker, force)
+    lease, group = own_output(spec.run.output, spec.storage, worker, timeout_s=spec.checkpoint.lease_timeout,
+                              force=force)
     checkpointer = CheckpointManager(
         run_url=spec.run.output, spec=spec.checkpoint, storage=spec.storage, worker=worker, model=model,
         optimizer=optimizer, scaler=scaler, steps_per_epoch=batches.steps_per_epoch,
@@ -198,7 +197,7 @@ def build(spec: TrainSpec, command: str, worker: distributed.Worker, force: bool
     )
     total_steps = spec.optim.epochs * batches.steps_per_epoch
     step, stats = _restore(spec, command, worker, checkpointer, lease, total_steps)
-    _record_start(spec, worker, checkpointer, stats, step, batches.steps_per_epoch)
+    _record_start(spec, worker, checkpointer, stats, step, batches.steps_per_epoch, total_steps)
     guard = NonFiniteGuard(worker.device, first_step=step)
     preemption = Preemption()
     log.info("training %s on %d worker(s), %s, %d steps per epoch, global batch %d; %d loading process(es), "
@@ -239,15 +238,6 @@ def _batches(spec: TrainSpec, worker: distributed.Worker) -> Batches:
                    channels_last=spec.run.channels_last and worker.device.type == "cuda")
 
 
-def _take_output(spec: TrainSpec, worker: distributed.Worker, force: bool) -> tuple[Lease | None, Any]:
-    """run.output checked writable, then its lease taken; returns the lease and the checkpoints' CPU group."""
-    check_writable(checkpoints_url(spec.run.output), spec.storage)
-    group = distributed.new_cpu_group()  # the checkpoints' and the lease's collectives, off the step's
-    lease = take_lease(spec.run.output, spec.storage, worker, group, timeout_s=spec.checkpoint.lease_timeout,
-                       force=force)
-    return lease, group
-
-
 def _restore(spec: TrainSpec, command: str, worker: distributed.Worker, checkpointer: CheckpointManager,
              lease: Lease | None, total_steps: int) -> tuple[int, TrainingStats]:
     """The step to start from (the checkpoint restored), then spec.yaml written and the stats opened at it."""
@@ -269,11 +259,10 @@ def _restore(spec: TrainSpec, command: str, worker: distributed.Worker, checkpoi
 
 
 def _record_start(spec: TrainSpec, worker: distributed.Worker, checkpointer: CheckpointManager,
-                  stats: TrainingStats, step: int, steps_per_epoch: int) -> None:
+                  stats: TrainingStats, step: int, steps_per_epoch: int, total_steps: int) -> None:
     """The "start" event, and the recipe changes this resume was allowed."""
     stats.advance(step)
     resumed_from = (checkpointer.parent or {}).get("checkpoint") or checkpointer.newest_committed_url()
-    total_steps = spec.optim.epochs * steps_per_epoch
     stats.event("start", step=step, epoch=step // steps_per_epoch, total_steps=total_steps,
                 steps_per_epoch=steps_per_epoch, world_size=worker.world_size, global_batch=spec.optim.batch_size,
                 resumed_from=resumed_from if step else None, wall=time.time())

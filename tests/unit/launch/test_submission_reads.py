@@ -9,6 +9,7 @@ from service.launch.job_spec import resolve_job_spec
 from service.launch.submit import Submission
 from service.launch.torchx_api import dryrun_app
 from service.spec import TrainSpec, loading
+from tests.support.commands import barlow_job, containers, shipped_spec, torchx_job
 
 SPEC = "data: {dataset: digits}\noptim: {epochs: 2, warmup_epochs: 1, batch_size: 64}\nrun: {output: s3://b/mine}\n"
 EVALUATION = "backbone: {arch: resnet18}\ndata: {dataset: digits}\neval: {mode: knn}\nrun: {output: s3://b/eval}\n"
@@ -55,3 +56,16 @@ def test_torchx_run_reads_the_spec_once(tmp_path, reads):
     spec.write_text(SPEC)
     job = resolve_job_spec(str(spec), ["optim.epochs=3"], world_size=2, kind=TrainSpec)
     assert reads == [str(spec)] and "epochs: 3" in job.env["BARLOW_SPEC"]
+
+
+@pytest.mark.parametrize("command", ["barlow submit", "torchx run"])
+def test_the_commands_users_type_read_the_spec_once(tmp_path, reads, command):
+    """The same through the CLIs' entry points, with the arguments as strings, as a user types them."""
+    spec = tmp_path / "mine.yaml"
+    spec.write_text(SPEC)
+    if command == "barlow submit":
+        job = barlow_job(str(spec), "--gpu", "1", "--set", "optim.epochs=3", cwd=tmp_path)
+    else:
+        job = torchx_job("barlowtwins.train", "--spec", str(spec), "--gpu", "1", "optim.epochs=3", cwd=tmp_path)
+    assert reads == [str(spec)]
+    assert shipped_spec(containers(job)[0])["optim"]["epochs"] == 3
