@@ -1,7 +1,9 @@
-"""Validate Kubernetes objects without a cluster, for tests of k8s/ and of the Volcano Jobs TorchX renders.
+"""Validate Kubernetes objects without a cluster, for tests of k8s/ and of the jobs the schedulers render.
 
-- ``validate_volcano``: Volcano Job / Queue / PodGroup against the CRDs' ``openAPIV3Schema`` in
-  ``shared/schemas/volcano/``, made strict (unknown fields are errors, where the API server would drop them).
+- ``validate_custom``: an object of a custom resource this project uses (Volcano Job / Queue / PodGroup, JobSet,
+  Kueue LocalQueue / ClusterQueue / ResourceFlavor / WorkloadPriorityClass) against its CRD's ``openAPIV3Schema``
+  in ``shared/schemas/<project>/``, made strict (unknown fields are errors, where the API server would drop them);
+  ``validate_volcano`` and ``validate_jobset`` are it, for one project's kinds.
 - ``validate_core``: built-in kinds (Pod, Namespace, Role, ...) with ``kubernetes-validate``, strict.
 - ``template_as_pod``: a PodTemplateSpec (a Volcano task's ``template``) as a Pod, for validate_core and checkov.
 - ``checkov_failures``: checkov's security checks that fail on some manifests, minus justified skips.
@@ -33,12 +35,15 @@ SHARED_DIR_ENV = "BARLOW_SHARED_DIR"
 CHECKOV_ENV = "BARLOW_CHECKOV"
 TOOLS_DIR_ENV = "BARLOW_TOOLS_DIR"
 CHECKOV_REQUIREMENT = "checkov>=3.2,<4"
-VOLCANO_CRD_FILES = (
-    "batch.volcano.sh_jobs.yaml",
-    "scheduling.volcano.sh_queues.yaml",
-    "scheduling.volcano.sh_podgroups.yaml",
-)
-_VOLCANO_GROUP = re.compile(r"(^|\.)volcano\.sh$")
+# the CRD files of each folder under shared/schemas/, and the API groups they define
+CRD_FILES = {
+    "volcano": ("batch.volcano.sh_jobs.yaml", "scheduling.volcano.sh_queues.yaml",
+                "scheduling.volcano.sh_podgroups.yaml"),
+    "jobset": ("jobset.x-k8s.io_jobsets.yaml",),
+    "kueue": ("kueue.x-k8s.io_localqueues.yaml", "kueue.x-k8s.io_clusterqueues.yaml",
+              "kueue.x-k8s.io_resourceflavors.yaml", "kueue.x-k8s.io_workloadpriorityclasses.yaml"),
+}
+_CUSTOM_GROUP = re.compile(r"(^|\.)(volcano\.sh|jobset\.x-k8s\.io|kueue\.x-k8s\.io)$")
 # API groups served by Kubernetes itself: kubernetes-validate maps "group.x/v1" to "group-v1", so a CRD's
 # apiVersion (batch.volcano.sh/v1) would otherwise be checked against a built-in schema (batch/v1 Job).
 _BUILTIN_GROUPS = {"", "apps", "batch", "autoscaling", "policy"}
@@ -95,41 +100,45 @@ def _is_int64(value: object) -> bool:
 
 
 @functools.cache
-def _volcano_crds(folder: Path) -> dict[tuple[str, str], tuple[str, jsonschema.protocols.Validator]]:
+def _custom_crds(folder: Path) -> dict[tuple[str, str], tuple[str, jsonschema.protocols.Validator]]:
     """(apiVersion, kind) -> (scope, validator of the strict schema), for every version of each CRD."""
     crds = {}
-    for name in VOLCANO_CRD_FILES:
-        path = folder / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: clone the shared folder beside the repository "
-                                    f"or point ${SHARED_DIR_ENV} at it")
-        for crd in filter(None, yaml.safe_load_all(path.read_text())):
-            spec = crd["spec"]
-            for version in spec["versions"]:
-                schema = _strict(version["schema"]["openAPIV3Schema"])
-                # OpenAPI v3.0 schemas are JSON Schema draft 4 plus extensions (x-kubernetes-*), ignored here.
-                validator = jsonschema.Draft4Validator(schema, format_checker=_FORMATS)
-                crds[(f"{spec['group']}/{version['name']}", spec["names"]["kind"])] = (spec["scope"], validator)
+    for project, names in CRD_FILES.items():
+        for name in names:
+            path = folder / project / name
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing: clone the shared folder beside the repository "
+                                        f"or point ${SHARED_DIR_ENV} at it")
+            for crd in filter(None, yaml.safe_load_all(path.read_text())):
+                spec = crd["spec"]
+                for version in spec["versions"]:
+                    schema = _strict(version["schema"]["openAPIV3Schema"])
+                    # OpenAPI v3.0 schemas are JSON Schema draft 4 plus extensions (x-kubernetes-*), ignored here.
+                    validator = jsonschema.Draft4Validator(schema, format_checker=_FORMATS)
+                    crds[(f"{spec['group']}/{version['name']}", spec["names"]["kind"])] = (spec["scope"], validator)
     return crds
 
 
-def is_volcano(obj: dict) -> bool:
-    """Whether the object's API group belongs to Volcano (batch.volcano.sh, scheduling.volcano.sh, ...)."""
+def is_custom(obj: dict) -> bool:
+    """Whether the object's API group is one of the custom resources above (batch.volcano.sh, jobset.x-k8s.io,
+    kueue.x-k8s.io, ...)."""
     group = str(obj.get("apiVersion", "")).rpartition("/")[0]
-    return bool(_VOLCANO_GROUP.search(group))
+    return bool(_CUSTOM_GROUP.search(group))
 
 
-def validate_volcano(obj: dict) -> None:
-    """Validate a Volcano Job, Queue or PodGroup against its CRD schema, rejecting unknown fields.
+def validate_custom(obj: dict, project: str | None = None) -> None:
+    """Validate a Volcano, JobSet or Kueue object against its CRD schema, rejecting unknown fields; `project`
+    ("volcano", "jobset", "kueue") also requires the kind to be one of that project's.
 
     ``metadata`` is checked as a built-in object's metadata would be (the CRDs leave it open), and a
-    cluster-scoped kind (Queue) must not name a namespace.
+    cluster-scoped kind (Queue, ClusterQueue, ...) must not name a namespace.
     """
-    crds = _volcano_crds((shared_dir() / "schemas" / "volcano").resolve())
+    crds = _custom_crds((shared_dir() / "schemas").resolve())
     key = (obj.get("apiVersion"), obj.get("kind"))
-    if key not in crds:
-        known = ", ".join(f"{api} {kind}" for api, kind in sorted(crds))
-        raise AssertionError(f"{_describe(obj)}: not a known Volcano kind (known: {known})")
+    group = str(key[0]).rpartition("/")[0]
+    if key not in crds or (project and project not in group):
+        known = ", ".join(f"{api} {kind}" for api, kind in sorted(crds) if not project or project in api)
+        raise AssertionError(f"{_describe(obj)}: not a known {project or 'custom'} kind (known: {known})")
     scope, validator = crds[key]
     errors = sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.absolute_path)))
     problems = [f"{_json_path(e.absolute_path)}: {e.message}" for e in errors]
@@ -165,7 +174,7 @@ def validate_core(obj: dict, k8s_version: str = "1.30.0") -> None:
     """
     group = str(obj.get("apiVersion", "")).rpartition("/")[0]
     if group not in _BUILTIN_GROUPS and not group.endswith(".k8s.io"):
-        hint = " (use validate_volcano)" if is_volcano(obj) else ""
+        hint = " (use validate_custom)" if is_custom(obj) else ""
         raise AssertionError(f"{_describe(obj)}: not a built-in Kubernetes API group{hint}")
     problem = _core_problem(obj, k8s_version)
     if problem:
@@ -179,10 +188,18 @@ def template_as_pod(template: dict, name: str = "pod-template") -> dict:
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": copy.deepcopy(template["spec"])}
 
 
+def validate_volcano(obj: dict) -> None:
+    validate_custom(obj, "volcano")
+
+
+def validate_jobset(obj: dict) -> None:
+    validate_custom(obj, "jobset")
+
+
 def validate_manifest(obj: dict, k8s_version: str = "1.30.0") -> None:
-    """``validate_volcano`` for Volcano kinds, ``validate_core`` for everything else."""
-    if is_volcano(obj):
-        validate_volcano(obj)
+    """``validate_custom`` for the custom resources' kinds, ``validate_core`` for everything else."""
+    if is_custom(obj):
+        validate_custom(obj)
     else:
         validate_core(obj, k8s_version)
 

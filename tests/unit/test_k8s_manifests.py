@@ -200,7 +200,7 @@ def test_volcano_job_with_a_bad_quantity_is_rejected():
 
 
 def test_volcano_job_is_not_mistaken_for_a_core_object():
-    with pytest.raises(AssertionError, match="use validate_volcano"):
+    with pytest.raises(AssertionError, match="use validate_custom"):
         validate_core(volcano_job())
 
 
