@@ -7,13 +7,18 @@
     torchx run -s kubernetes barlowtwins.train --spec my-imagenet.yaml --image REGISTRY/barlowtwins-service:TAG \
         --nnodes 2:4 --h gpu_8xh100 run.output=s3://BUCKET/runs/bt checkpoint.every_steps=500
 
+    # Kubernetes with Kueue: a JobSet of 4 nodes in the LocalQueue `barlow`, started when the queue admits it
+    torchx run -s jobset -cfg queue=barlow barlowtwins.train --spec my-imagenet.yaml --image ... --nnodes 4 \
+        --h gpu_8xh100 run.output=s3://BUCKET/runs/bt
+
     # the reference's linear probe of that run's backbone, on the same cluster
     torchx run -s kubernetes barlowtwins.evaluate --spec s3://BUCKET/specs/linear.yaml --image ... --h gpu_8xh100 \
         backbone.weights=s3://BUCKET/runs/bt run.output=s3://BUCKET/runs/bt-linear
 
 The spec is resolved where the job is submitted (service/launch/job_spec.py) and travels inside the job. The
-project's `kubernetes` scheduler (service/launch/scheduler.py) completes the Volcano Job TorchX renders; `barlow
-submit` runs these components through the same TorchX Runner.
+project's `kubernetes` scheduler (service/launch/volcano.py) completes the Volcano Job TorchX renders; its `jobset`
+scheduler (service/launch/jobset.py) renders the same pods as a JobSet for Kueue; `barlow submit` runs these
+components through the same TorchX Runner.
 """
 
 import re
@@ -89,7 +94,8 @@ def train(
         max_restarts: times torchrun restarts the worker group after a failure; each restart resumes from the
             last checkpoint
         max_retries: times the scheduler recreates the job after a pod fails or its node is lost (Volcano
-            RestartJob; an elastic job's lost pod alone, RestartTask); each resumes from the last checkpoint
+            RestartJob, or an elastic job's lost pod alone, RestartTask; the JobSet's failurePolicy); each resumes
+            from the last checkpoint. A worker's user error (exit 2) fails the job without a retry
         rdzv_port: port of the c10d rendezvous on the first node
         env: extra environment variables, e.g. AWS_REGION=us-east-1 (no credentials: see docs/checkpoints.md)
         mounts: volumes, e.g. type=volume,src=imagenet,dst=/data/imagenet,readonly
@@ -134,7 +140,8 @@ def evaluate(
         max_restarts: times torchrun restarts the worker group after a failure; each restart resumes from the
             last checkpoint
         max_retries: times the scheduler recreates the job after a pod fails or its node is lost (Volcano
-            RestartJob; an elastic job's lost pod alone, RestartTask); each resumes from the last checkpoint
+            RestartJob, or an elastic job's lost pod alone, RestartTask; the JobSet's failurePolicy); each resumes
+            from the last checkpoint. A worker's user error (exit 2) fails the job without a retry
         rdzv_port: port of the c10d rendezvous on the first node
         env: extra environment variables, e.g. AWS_REGION=us-east-1 (no credentials: see docs/checkpoints.md)
         mounts: volumes, e.g. type=volume,src=imagenet,dst=/data/imagenet,readonly
@@ -241,7 +248,9 @@ def _torchrun_job(subcommand: str, spec: str, overrides: tuple, image: str, nnod
     else:
         endpoint = f"$${{{macros.rank0_env}:=localhost}}:{rdzv_port}"
     command = [
-        "torchrun",
+        # torchrun's own entry point as the pod's main process (exec: the pod's signals reach it), exiting 2 when
+        # a worker stopped on the user's error, so that the scheduler fails the job instead of retrying it
+        "exec", "python", "-m", "service.launch.torchrun",
         "--rdzv_backend", "c10d",
         "--rdzv_endpoint", endpoint,
         "--rdzv_id", macros.app_id,  # TORCHELASTIC_RUN_ID: the job's restarts keep run.output's lease

@@ -7,6 +7,10 @@ module is the bottom layer: it imports nothing of the project, and every layer m
 
 from __future__ import annotations
 
+# `barlow`'s exit status for a UserError (argparse's for a bad command line too): the pods' main process passes it
+# on (service/launch/torchrun.py), so that a cluster fails the job at once instead of retrying what no retry mends
+USER_ERROR_EXIT = 2
+
 
 class UserError(Exception):
     """A problem the user can fix: the message says what it is and what to do."""

@@ -5,7 +5,7 @@
     barlow schema [-o FILE]                              the spec's JSON Schema, for editors
     barlow checkpoints ls RUN_URL [--verify]             a run's checkpoints, valid, incomplete or corrupt
     barlow export CHECKPOINT_URL OUT                     a checkpoint's backbone as a torchvision state_dict
-    barlow submit SPEC --scheduler local_cwd|kubernetes  launch through TorchX (and status / logs / cancel)
+    barlow submit SPEC --scheduler local_cwd|kubernetes|jobset  launch through TorchX (and status / logs / cancel)
     barlow evaluate SPEC [--set ...]                     linear probe, finetune or kNN of a backbone (evaluation spec)
     barlow compare SPEC [--weights W]                    pretrained vs untrained networks vs raw pixels, held out
     barlow data pack SOURCE DEST                         an ImageFolder or the digits as shards at any URL

@@ -7,6 +7,8 @@ import argparse
 
 from service.errors import SpecError
 
+CLUSTER_SCHEDULERS = ("kubernetes", "jobset")  # a job there outlives `barlow submit`: `barlow status` follows it
+
 # the components' arguments (barlowtwins.train / .evaluate) but the spec and its overrides, and the barlow submit
 # options that give them
 COMPONENT_ARGUMENTS = {"image": "image", "nnodes": "nnodes", "nproc_per_node": "nproc_per_node",
@@ -27,7 +29,7 @@ def _key_values(items: list[str], what: str) -> dict[str, str]:
 
 def _run_options(args: argparse.Namespace) -> dict:
     """The scheduler's run options given on the command line; unset ones fall back to .torchxconfig's."""
-    if args.scheduler != "kubernetes":
+    if args.scheduler not in CLUSTER_SCHEDULERS:
         return {}
     options = {"queue": args.queue, "namespace": args.namespace, "service_account": args.service_account,
                "priority_class": args.priority_class, "tolerations": args.toleration or None,
@@ -47,7 +49,7 @@ def submit_command(args: argparse.Namespace, argv: list[str] | None) -> int:
         return 0
     handle = submission.create()
     print(handle, flush=True)
-    if args.scheduler == "kubernetes":  # a cluster's job outlives this command: `barlow status` follows it
+    if args.scheduler in CLUSTER_SCHEDULERS:
         return 0
     state = submission.follow(handle)
     print(f"{handle}: {state}")

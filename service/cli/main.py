@@ -15,7 +15,7 @@ from collections.abc import Callable
 # `validate` and `schema` start in a fraction of the time
 from service.cli import checkpoints, data, jobs, runs, specs, training
 from service.cli.parser import build_parser
-from service.errors import UserError
+from service.errors import USER_ERROR_EXIT, UserError
 from service.observe.logs import configure_logging, record_user_error
 from service.storage.filesystem import explain, storage_errors
 
@@ -57,13 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"barlow: {error}", file=sys.stderr)
         record_user_error(f"barlow: {error}")
-        return 2
+        return USER_ERROR_EXIT
     except storage_errors() as error:  # reading a run or a checkpoint: bad credentials, endpoint, bucket
         where = _url_argument(args)
         if where is None:  # the other commands explain their storage errors themselves: one here is a defect
             raise
         print(f"barlow: {explain(getattr(args, where), error)}", file=sys.stderr)
-        return 2
+        return USER_ERROR_EXIT
 
 
 if __name__ == "__main__":

@@ -78,13 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     data_list.add_argument("url", help="a packed data set, e.g. s3://bucket/imagenet")
 
     submit = commands.add_parser(
-        "submit", help="Launch a job through TorchX (local_cwd or Kubernetes), as torchx run would.",
+        "submit", help="Launch a job through TorchX (local_cwd, Kubernetes with Volcano, or a JobSet for Kueue), as "
+        "torchx run would.",
         description="Read, override and validate SPEC here, then launch the barlowtwins.train (or .evaluate) "
         "component through the TorchX Runner with the project's scheduler: the same job as `torchx run -s "
         "SCHEDULER barlowtwins.train ...`, with .torchxconfig applied. The resolved spec travels inside the job.")
     submit.add_argument("spec", help="YAML job spec: a file, an fsspec URL (s3://...), or image:PATH inside the image")
     submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    submit.add_argument("--scheduler", choices=["local_cwd", "kubernetes"], required=True)
+    submit.add_argument("--scheduler", choices=["local_cwd", "kubernetes", "jobset"], required=True,
+                        help="local_cwd: this machine; kubernetes: a Volcano Job; jobset: a JobSet (Kueue)")
     submit.add_argument("--dryrun", action="store_true", help="print what would be launched, launch nothing")
     submit.add_argument("--workspace", default=None, metavar="DIR",
                         help="layer DIR over the image and push it to image_repo (TorchX workspace; Kubernetes)")
@@ -98,17 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--mem-mb", help="memory per node, MiB")
     job.add_argument("--shm-mb", help="/dev/shm per node, MiB")
     job.add_argument("--max-restarts", help="worker-group restarts after a failure")
-    job.add_argument("--max-retries", help="times Volcano recreates the job (or an elastic job's lost pod)")
+    job.add_argument("--max-retries", help="times the cluster recreates the job after a failure (Volcano: an elastic "
+                     "job's lost pod alone)")
     job.add_argument("--rdzv-port", help="port of the c10d rendezvous on the first node")
     job.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable")
     job.add_argument("--mount", action="append", default=[],
                      help="volume, e.g. type=volume,src=imagenet,dst=/data/imagenet,readonly")
     job.add_argument("--name", help="job name")
     k8s = submit.add_argument_group("Kubernetes run options (default: .torchxconfig, then the scheduler's)")
-    k8s.add_argument("--queue", help="Volcano queue")
+    k8s.add_argument("--queue", help="Volcano queue (kubernetes) or Kueue LocalQueue (jobset; empty: no Kueue)")
     k8s.add_argument("--namespace")
     k8s.add_argument("--service-account", help="pods' service account (IRSA)")
-    k8s.add_argument("--priority-class")
+    k8s.add_argument("--priority-class", help="the pods' PriorityClass (kubernetes) or Kueue WorkloadPriorityClass "
+                     "(jobset)")
     k8s.add_argument("--toleration", action="append", default=[], metavar="KEY[=VALUE]:EFFECT")
     k8s.add_argument("--node-selector", action="append", default=[], metavar="LABEL=VALUE")
     k8s.add_argument("--image-pull-secret", action="append", default=[], metavar="SECRET")
@@ -121,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         "status", help="A job's state and its run's progress (step of total, loss, kNN, images/s, ETA, checkpoint).",
         description="A job's state (a TorchX handle) and its run's progress read from the run's storage, or the "
         "progress of a run given by its URL."))
-    status.add_argument("target", help="the handle printed by submit (kubernetes://torchx/barlow:barlowtwins-x1), or "
-                        "a run's location (run.output, e.g. s3://bucket/runs/bt)")
+    status.add_argument("target", help="the handle printed by submit (kubernetes://torchx/barlow:barlowtwins-x1, "
+                        "jobset://...), or a run's location (run.output, e.g. s3://bucket/runs/bt)")
     runs = commands.add_parser("runs", help="List runs.")
     runs_list = with_storage(runs.add_subparsers(dest="action", required=True).add_parser(
         "ls", help="The runs under a prefix, one line each with its progress.",

@@ -8,7 +8,7 @@ from torchx.schedulers import get_scheduler_factories
 from torchx.specs.api import parse_app_handle
 
 from service.errors import JobError
-from service.launch.scheduler import create_scheduler
+from service.launch.cluster import ClusterScheduler
 from service.reports.progress import NoRun, format_status, read_progress
 from service.spec import StorageSpec
 from service.storage.filesystem import is_remote
@@ -25,12 +25,13 @@ def print_status(target: str, storage: StorageSpec) -> int:
     if status is None:
         raise JobError(f"{target}: no such job (the {scheduler} scheduler does not know it)")
     print(status)
-    if scheduler != "kubernetes":
+    handle = parse_app_handle(target)
+    cluster = get_scheduler_factories()[scheduler](session_name=handle.session_name)
+    if not isinstance(cluster, ClusterScheduler):
         print(f"the run's progress: barlow status RUN_URL (the job's run.output; the {scheduler} scheduler keeps no "
               "record of it)")
         return 0
-    handle = parse_app_handle(target)
-    location = create_scheduler(handle.session_name).run_location(handle.app_id)
+    location = cluster.run_location(handle.app_id)
     if location is None:
         print("the run's progress: barlow status RUN_URL (the job carries no resolved spec, so its run.output is "
               "not known here)")
@@ -50,7 +51,8 @@ def print_status(target: str, storage: StorageSpec) -> int:
 
 
 def _torchx_scheduler(target: str) -> str | None:
-    """The TorchX scheduler a handle names (kubernetes://SESSION/NAMESPACE:NAME), None for a run's location."""
+    """The TorchX scheduler a handle names (kubernetes://SESSION/NAMESPACE:NAME, jobset://...), None for a run's
+    location."""
     scheme, sep, _ = target.partition("://")
     if not sep:
         return None

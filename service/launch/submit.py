@@ -2,7 +2,7 @@
 
 It hands the component its arguments as the torchx CLI does (strings), applies .torchxconfig as the CLI does,
 and lets the Runner render, check and create the job: `barlow submit ... --scheduler kubernetes` and
-`torchx run -s kubernetes barlowtwins.train ...` submit the same Volcano Job.
+`torchx run -s kubernetes barlowtwins.train ...` submit the same Volcano Job (`jobset`: the same JobSet).
 """
 
 from __future__ import annotations

@@ -4,24 +4,34 @@ torchx 0.7.0 is the last release. Its main branch (0.8) turns `KubernetesOpts` f
 dataclass and passes that to `_submit_dryrun`: `run_option` is the one place that reads a run option, so that
 change is one function here. The other names below are module internals of torchx 0.7.0 (the Kubernetes
 scheduler class and its serializer, the component-validation error its CLI prints without a traceback, the
-`.torchxconfig` reader its CLI applies): when a torchx upgrade moves one, this module is the only one to change.
+`.torchxconfig` reader its CLI applies, the pod builder and labels of its Kubernetes scheduler, which the JobSet
+scheduler shares, and its job-name helpers): when a torchx upgrade moves one, this module is the only one to change.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from torchx.runner.config import apply as _apply_torchxconfig
 from torchx.runner.config import load_sections as _load_sections
+from torchx.schedulers.api import filter_regex as _filter_regex
+from torchx.schedulers.api import split_lines as _split_lines
+from torchx.schedulers.ids import make_unique as _make_unique
+from torchx.schedulers.kubernetes_scheduler import LABEL_REPLICA_ID as _LABEL_REPLICA_ID
+from torchx.schedulers.kubernetes_scheduler import KubernetesJob as _KubernetesJob
 from torchx.schedulers.kubernetes_scheduler import KubernetesScheduler as _KubernetesScheduler
+from torchx.schedulers.kubernetes_scheduler import pod_labels as _pod_labels
+from torchx.schedulers.kubernetes_scheduler import role_to_pod as _role_to_pod
 from torchx.schedulers.kubernetes_scheduler import sanitize_for_serialization as _sanitize_for_serialization
 from torchx.specs.finder import ComponentValidationException
+from torchx.util.strings import normalize_str as _normalize_str
 
 from service.errors import UserError
 
 __all__ = ["KubernetesScheduler", "SubmissionError", "apply_torchxconfig", "component_defaults", "dryrun_app",
-           "dryrun_cfg", "images_to_push", "run_option", "to_plain_objects"]
+           "dryrun_cfg", "filter_lines", "images_to_push", "kubernetes_request", "pod_for_role", "pod_labels",
+           "run_option", "split_lines", "to_plain_objects", "unique_job_name"]
 
 
 # Between two events of a push stream: the first push of the training image uploads ~6 GB of layers, gzipped on
@@ -90,3 +100,36 @@ def apply_torchxconfig(scheduler: str, cfg: dict[str, Any]) -> None:
 def component_defaults() -> dict[str, dict[str, str]]:
     """The `[component:NAME]` sections of .torchxconfig: the argument defaults `torchx run` gives each component."""
     return _load_sections(prefix="component")
+
+
+def unique_job_name(app_name: str) -> str:
+    """The app's name with torchx's random suffix, made a Kubernetes name as its Kubernetes scheduler makes it."""
+    return _normalize_str(_make_unique(app_name))
+
+
+def pod_for_role(container_name: str, role: Any, service_account: str | None) -> dict:
+    """torchx's pod for a role (its macros already applied), as plain objects: what its Volcano tasks run."""
+    return to_plain_objects(_role_to_pod(container_name, role, service_account))
+
+
+def pod_labels(app: Any, role_index: int, role: Any, app_id: str) -> dict[str, str]:
+    """The labels torchx gives the pods of a role, but the replica's index (one template serves every replica)."""
+    labels = _pod_labels(app=app, role_idx=role_index, role=role, replica_id=0, app_id=app_id)
+    labels.pop(_LABEL_REPLICA_ID)
+    return labels
+
+
+def split_lines(text: str) -> list[str]:
+    """A log as torchx's schedulers hand it over: lines, each with its newline."""
+    return _split_lines(text)
+
+
+def filter_lines(lines: Iterable[str], regex: str | None) -> Iterable[str]:
+    """The lines that match `regex`, all of them without one (torchx log --regex)."""
+    return _filter_regex(regex, lines) if regex else lines
+
+
+def kubernetes_request(resource: dict, images_to_push: dict) -> Any:
+    """A dry run's request as torchx's Kubernetes scheduler makes it: the object, and the workspace images that
+    `schedule` pushes (printed by `torchx run --dryrun` as the object's YAML)."""
+    return _KubernetesJob(resource=resource, images_to_push=images_to_push)

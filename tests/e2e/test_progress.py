@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from service.launch.scheduler import BarlowKubernetesScheduler
 from service.launch.status import print_status
+from service.launch.volcano import BarlowKubernetesScheduler
 from service.spec import StorageSpec
 from service.storage.filesystem import filesystem
 from tests.support.progress import Runner, VolcanoApi, lease, rendered_job, write_synthetic_run

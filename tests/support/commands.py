@@ -170,14 +170,15 @@ def containers(job: dict) -> list[dict]:
 
 
 def torchrun_arguments(container: dict):
-    """The container's torchrun command line, parsed by torchrun's own parser; `${VAR:=default}` as bash leaves
-    it when VAR is unset (the first node)."""
+    """The container's torchrun command line (service.launch.torchrun: torchrun's entry point with the user's
+    error passed on), parsed by torchrun's own parser; `${VAR:=default}` as bash leaves it when VAR is unset (the
+    first node)."""
     from torch.distributed.run import get_args_parser
 
     assert container["command"][:2] == ["bash", "-c"]
     argv = shlex.split(re.sub(r"\$\{\w+:=([^}]*)\}", r"\1", container["command"][2]))
-    assert argv[0] == "torchrun"
-    return get_args_parser().parse_args(argv[1:])
+    assert argv[:4] == ["exec", "python", "-m", "service.launch.torchrun"], argv[:4]
+    return get_args_parser().parse_args(argv[4:])
 
 
 def environment(container: dict) -> dict[str, str]:

@@ -61,7 +61,7 @@ def test_dockerignore_admits_what_the_dockerfile_copies():
                 if line.startswith("!")}
     assert copied <= admitted, copied - admitted
     uid = re.search(r"useradd --uid (\d+)", dockerfile).group(1)
-    from service.launch.scheduler import RUN_AS_USER
+    from service.launch.pods import RUN_AS_USER
 
     assert int(uid) == RUN_AS_USER, "the pod's runAsUser must be the image's user"
 
@@ -73,6 +73,6 @@ def test_a_torchx_workspace_carries_the_code_the_pods_run():
 
     copied = {str(Path(folder, name).relative_to(ROOT)) for folder, _, files in
               walk_workspace(fsspec.filesystem("file"), str(ROOT), ".dockerignore") for name in files}
-    assert {"service/__init__.py", "service/launch/scheduler.py", "components/barlowtwins.py",
+    assert {"service/__init__.py", "service/launch/pods.py", "components/barlowtwins.py",
             "specs/digits.yaml"} <= copied
     assert not any("__pycache__" in path or path.startswith(("tests/", ".git/", ".venv/")) for path in copied)

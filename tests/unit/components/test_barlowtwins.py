@@ -20,8 +20,9 @@ from torchx.specs.finder import get_components
 
 import components.barlowtwins as barlowtwins
 from components.barlowtwins import IMAGE_REFERENCE, evaluate, parse_nnodes, train
-from service.launch.scheduler import BarlowKubernetesScheduler
+from service.launch.jobset import JobSetScheduler
 from service.launch.torchx_api import SubmissionError
+from service.launch.volcano import BarlowKubernetesScheduler
 from service.spec import EvaluateSpec, TrainSpec, load_spec, spec_digest
 from tests.support.commands import (
     EVERY_ARGUMENT,
@@ -66,8 +67,9 @@ def test_component_passes_torchx_validation():
 def test_registered_with_the_builtins_kept():
     assert {"barlowtwins.train", "barlowtwins.evaluate", "dist.ddp", "utils.echo"} <= set(get_components())
     schedulers = get_scheduler_factories()
-    assert set(schedulers) == {"local_cwd", "local_docker", "kubernetes"}
+    assert set(schedulers) == {"local_cwd", "local_docker", "kubernetes", "jobset"}
     assert isinstance(schedulers["kubernetes"](session_name="test"), BarlowKubernetesScheduler)
+    assert isinstance(schedulers["jobset"](session_name="test"), JobSetScheduler)
 
 
 def test_evaluate_component_runs_barlow_evaluate_like_training():
@@ -91,7 +93,8 @@ def test_single_node_cpu_job():
     app = train("specs/digits.yaml", nproc_per_node=2)
     role = app.roles[0]
     text = command(app)
-    assert text.startswith("torchrun ")
+    # torchrun's entry point as the pod's main process, exiting 2 on a worker's user error
+    assert text.startswith("exec python -m service.launch.torchrun ")
     assert option(text, "--rdzv_backend") == "c10d" and option(text, "--rdzv_endpoint") == "localhost:0"
     assert option(text, "--nnodes") == "1" and option(text, "--nproc_per_node") == "2"
     assert int(option(text, "--max_restarts")) > 0  # torchx's dist.ddp passes none: any failure ends the job
@@ -245,8 +248,9 @@ def test_a_named_resource_through_the_torchx_cli(component):
                                                     "nvidia.com/gpu": "8"}
         assert torchrun_arguments(container).nproc_per_node == "8"
         assert volume_of(task["template"]["spec"], "/dev/shm")["emptyDir"]["sizeLimit"] == f"{128 * 1024}Mi"
-        # a fixed-size job cannot go on without a lost pod: Volcano recreates the whole job
-        assert task["maxRetry"] == 3 and task["policies"] == [{"event": "PodEvicted", "action": "RestartJob"},
+        # a user's error ends the job; a fixed-size job cannot go on without a lost pod: Volcano recreates it all
+        assert task["maxRetry"] == 3 and task["policies"] == [{"exitCode": 2, "action": "TerminateJob"},
+                                                              {"event": "PodEvicted", "action": "RestartJob"},
                                                               {"event": "PodFailed", "action": "RestartJob"}]
 
 

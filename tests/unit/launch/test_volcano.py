@@ -1,6 +1,6 @@
-"""service/launch/scheduler.py: the project's `kubernetes` scheduler: the Volcano Job it completes (for 1 and 2:4
-nodes, against the strict Volcano CRD and the Kubernetes schemas), tolerations, outputs and mounts pods cannot have,
-the run options of torchx 0.7 and 0.8; and where a job's run is, read from the Job the API server returns (the API
+"""service/launch/volcano.py and pods.py: the project's `kubernetes` scheduler: the Volcano Job it completes (for 1
+and 2:4 nodes, against the strict Volcano CRD and the Kubernetes schemas), tolerations, outputs and mounts pods cannot
+have, the run options of torchx 0.7 and 0.8; and where a job's run is, read from the Job the API server returns (the API
 call stubbed: there is no cluster here), a shipped spec that is no spec being one error."""
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from torchx.runner import get_runner
 from components.barlowtwins import parse_nnodes, train
 from service.errors import JobError, SpecError
 from service.launch.job_spec import SPEC_ENV
-from service.launch.scheduler import BarlowKubernetesScheduler, complete_volcano_job, parse_toleration
+from service.launch.pods import parse_toleration
 from service.launch.torchx_api import SubmissionError, run_option
+from service.launch.volcano import BarlowKubernetesScheduler, complete_volcano_job
 from tests.support.k8s_schemas import template_as_pod, validate_core, validate_volcano
 from tests.support.progress import VolcanoApi, rendered_job
 
