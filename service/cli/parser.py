@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="volume, e.g. type=volume,src=imagenet,dst=/data/imagenet,readonly")
     job.add_argument("--name", help="job name")
     k8s = submit.add_argument_group("Kubernetes run options (default: .torchxconfig, then the scheduler's)")
-    k8s.add_argument("--queue", help="Volcano queue (kubernetes) or Kueue LocalQueue (jobset; empty: no Kueue)")
+    k8s.add_argument("--queue", help="Volcano queue (kubernetes) or Kueue LocalQueue (jobset; none: no Kueue)")
     k8s.add_argument("--namespace")
     k8s.add_argument("--service-account", help="pods' service account (IRSA)")
     k8s.add_argument("--priority-class", help="the pods' PriorityClass (kubernetes) or Kueue WorkloadPriorityClass "

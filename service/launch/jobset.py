@@ -25,8 +25,8 @@ Registered under the `torchx.schedulers` entry point as `jobset`: `torchx run -s
 - Kueue: the run option `queue` names the LocalQueue (label kueue.x-k8s.io/queue-name) and the JobSet is created
   suspended, so nothing starts before the queue admits the whole job. `priority_class` names a Kueue
   WorkloadPriorityClass (label kueue.x-k8s.io/priority-class): it orders the queue and Kueue's preemption without
-  giving the pods a priority by which the node scheduler would evict other teams' admitted pods. With `queue=`
-  (empty: a cluster without Kueue) the JobSet starts at once and priority_class is the pods' PriorityClass.
+  giving the pods a priority by which the node scheduler would evict other teams' admitted pods. With `queue=none`
+  (a cluster without Kueue) the JobSet starts at once and priority_class is the pods' PriorityClass.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ REPLICATED_JOB_LABEL = "jobset.sigs.k8s.io/replicatedjob-name"
 RESTART_ATTEMPT_LABEL = "jobset.sigs.k8s.io/restart-attempt"
 COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 RANK0_ENV = "TORCHX_RANK0_HOST"
+NO_QUEUE = "none"  # the queue option's value on a cluster without Kueue
 MAX_HOST_NAME = 63  # a DNS label
 # The Job controller's failure messages for its pod failure policy's two FailJob rules (kubernetes
 # pkg/controller/job/pod_failure_policy.go): "Container C for pod NS/P failed with exit code 2 matching FailJob
@@ -105,6 +106,12 @@ def _failure_policy(max_retries: int) -> dict:
     }
 
 
+def kueue_queue(cfg: Any) -> str | None:
+    """The LocalQueue the run options name; None for `none` (or empty): a cluster without Kueue."""
+    queue = run_option(cfg, "queue")
+    return None if not queue or queue.lower() == NO_QUEUE else queue
+
+
 def _replicated_job(app: AppDef, index: int, role: Role, name: str, cfg: Any) -> dict:
     """One role as a replicated Job of `num_replicas` indexed pods, each the pod Volcano's task would run."""
     values = macros.Values(img_root="", app_id=name, replica_id="$(JOB_COMPLETION_INDEX)", rank0_env=RANK0_ENV)
@@ -114,7 +121,7 @@ def _replicated_job(app: AppDef, index: int, role: Role, name: str, cfg: Any) ->
     for container in spec["containers"]:
         container["env"] = [*container.get("env", []), {
             "name": RANK0_ENV, "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{COORDINATOR}']"}}}]
-    if not run_option(cfg, "queue") and run_option(cfg, "priority_class"):
+    if not kueue_queue(cfg) and run_option(cfg, "priority_class"):
         spec["priorityClassName"] = run_option(cfg, "priority_class")
     template = {"metadata": {"labels": pod_labels(app, index, role, name),
                              "annotations": pod["metadata"]["annotations"]}, "spec": spec}
@@ -127,7 +134,7 @@ def render_jobset(app: AppDef, cfg: Any) -> dict:
     """The JobSet of `app` with the run options `cfg` (see the module docstring)."""
     name = unique_job_name(app.name)
     _refuse_what_a_jobset_cannot_run(app, name)
-    queue = run_option(cfg, "queue")
+    queue = kueue_queue(cfg)
     labels = {QUEUE_LABEL: queue} if queue else {}
     if queue and run_option(cfg, "priority_class"):
         labels[PRIORITY_LABEL] = run_option(cfg, "priority_class")
@@ -174,7 +181,8 @@ class JobSetScheduler(ClusterScheduler):
     """Renders and creates JobSets; status, logs, list and cancel read them back."""
 
     group, version, plural, kind = "jobset.x-k8s.io", "v1alpha2", "jobsets", "JobSet"
-    queue_help = "Kueue LocalQueue of the job (label kueue.x-k8s.io/queue-name; created suspended); empty: no Kueue"
+    queue_help = ("Kueue LocalQueue of the job (label kueue.x-k8s.io/queue-name; created suspended); none: a cluster "
+                  "without Kueue")
     priority_help = ("Kueue WorkloadPriorityClass of the job (label kueue.x-k8s.io/priority-class); without a "
                      "queue, the pods' PriorityClass")
 

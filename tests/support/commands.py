@@ -149,24 +149,33 @@ def barlow(*argv: str, cwd: Path = ROOT, env: dict | None = None, executable: bo
 
 
 def torchx_job(component: str, *arguments: str, cwd: Path = ROOT, env: dict | None = None,
-               executable: bool = False) -> dict:
-    """The Volcano Job `torchx run --dryrun -s kubernetes COMPONENT ARGUMENTS` prints."""
-    result = torchx("run", "--workspace", "", "--dryrun", "-s", "kubernetes", component, *arguments, cwd=cwd,
+               executable: bool = False, scheduler: str = "kubernetes") -> dict:
+    """The Volcano Job (the JobSet with scheduler="jobset") `torchx run --dryrun -s SCHEDULER COMPONENT ARGUMENTS`
+    prints; -cfg options go before the component in `arguments`."""
+    result = torchx("run", "--workspace", "", "--dryrun", "-s", scheduler, component, *arguments, cwd=cwd,
                     env=env, executable=executable)
     assert result.returncode == 0 and REQUEST_MARK in result.stdout, result.stderr[-3000:]
     return yaml.safe_load(result.stdout.split(REQUEST_MARK, 1)[1])
 
 
-def barlow_job(*arguments: str, cwd: Path = ROOT, env: dict | None = None, executable: bool = False) -> dict:
-    """The Volcano Job `barlow submit ARGUMENTS --scheduler kubernetes --dryrun` prints."""
-    result = barlow("submit", *arguments, "--scheduler", "kubernetes", "--dryrun", cwd=cwd, env=env,
+def barlow_job(*arguments: str, cwd: Path = ROOT, env: dict | None = None, executable: bool = False,
+               scheduler: str = "kubernetes") -> dict:
+    """The Volcano Job (or JobSet) `barlow submit ARGUMENTS --scheduler SCHEDULER --dryrun` prints."""
+    result = barlow("submit", *arguments, "--scheduler", scheduler, "--dryrun", cwd=cwd, env=env,
                     executable=executable)
     assert result.returncode == 0, result.stderr[-3000:]
     return yaml.safe_load(result.stdout)
 
 
+def pod_templates(job: dict) -> list[dict]:
+    """The pod templates of a Volcano Job (one per task) or a JobSet (one per replicated Job)."""
+    if job["kind"] == "JobSet":
+        return [replicated["template"]["spec"]["template"] for replicated in job["spec"]["replicatedJobs"]]
+    return [task["template"] for task in job["spec"]["tasks"]]
+
+
 def containers(job: dict) -> list[dict]:
-    return [task["template"]["spec"]["containers"][0] for task in job["spec"]["tasks"]]
+    return [template["spec"]["containers"][0] for template in pod_templates(job)]
 
 
 def torchrun_arguments(container: dict):
@@ -182,7 +191,8 @@ def torchrun_arguments(container: dict):
 
 
 def environment(container: dict) -> dict[str, str]:
-    return {item["name"]: item["value"] for item in container["env"]}
+    """The container's plain variables (not those the downward API fills in)."""
+    return {item["name"]: item["value"] for item in container["env"] if "value" in item}
 
 
 def shipped_spec(container: dict) -> dict:
