@@ -130,8 +130,11 @@ def test_barlow_submit_renders_the_same_jobset_as_torchx_run():
     (("run.output=./checkpoint",), "pod's own disk"),
     (("run.output=memory://runs/x",), "memory of one process"),
     (("--mounts", "type=device,src=/dev/fuse", "run.output=s3://b/r"), "privileged"),
+    (("run.output=s3://b/r", "optim.epochs=0"), "optim.epochs"),  # the spec
+    (("--image", "Registry/Trainer:latest", "run.output=s3://b/r"), "is not an image reference"),
+    (("--h", "gpu_8xh100", "--gpu", "16", "run.output=s3://b/r"), "does not fit a gpu_8xh100 node"),
 ])
-def test_what_no_pod_can_keep_is_refused_by_both_schedulers(scheduler, arguments, why):
+def test_what_cannot_run_is_refused_by_both_schedulers_before_submission(scheduler, arguments, why):
     result = torchx("run", "--workspace", "", "--dryrun", "-s", scheduler, "barlowtwins.train", "--spec",
                     "specs/digits.yaml", *arguments)
     assert result.returncode == 1 and why in result.stderr and "Traceback" not in result.stderr, result.stderr
