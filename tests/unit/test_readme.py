@@ -4,6 +4,8 @@ and options they document must match the code, and every page is on the README's
 import re
 from pathlib import Path
 
+import pytest
+
 from service.spec import EvaluateSpec, TrainSpec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,11 +47,13 @@ def test_every_ready_spec_is_listed():
         assert f"`{spec.name}`" in listing, spec.name
 
 
-def test_every_run_option_of_the_kubernetes_scheduler_is_documented():
+@pytest.mark.parametrize("scheduler", ["kubernetes", "jobset"])
+def test_every_run_option_of_the_cluster_schedulers_is_documented(scheduler):
     from torchx.schedulers import get_scheduler_factories
 
-    options = {name for name, _ in get_scheduler_factories()["kubernetes"](session_name="readme").run_opts()}
-    section = page("kubernetes.md").split("Run options of the `kubernetes` scheduler")[1].split("\n\n", 2)[1]
+    options = {name for name, _ in get_scheduler_factories()[scheduler](session_name="readme").run_opts()}
+    section = page("kubernetes.md").split("Run options of the `kubernetes` and `jobset` schedulers")[1]
+    section = section.split("\n\n", 2)[1]
     documented = {name for row in section.splitlines()[2:] for name in re.findall(r"`([a-z_]+)`", row.split("|")[1])}
     assert documented == options
 
