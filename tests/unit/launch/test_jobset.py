@@ -44,9 +44,13 @@ def replicated_job(js: dict) -> dict:
     return only
 
 
-def test_the_rendered_jobset_validates_strictly_and_queues_in_kueue():
-    js = jobset("--spec", "specs/imagenet-1000ep.yaml", "--h", "gpu_8xh100", "--nnodes", "4", "--max_retries", "5",
-                "run.output=s3://bucket/runs/j")
+@pytest.mark.parametrize("component, resources", [
+    ("barlowtwins.train", ("--h", "gpu_8xh100")),
+    ("components/barlowtwins.py:train", ("--gpu", "8", "--cpu", "96", "--memMB", "700000")),  # as a file, explicit
+])
+def test_the_rendered_jobset_validates_strictly_and_queues_in_kueue(component, resources):
+    js = torchx_job(*OPTIONS, component, "--spec", "specs/imagenet-1000ep.yaml", *resources, "--nnodes", "4",
+                    "--max_retries", "5", "run.output=s3://bucket/runs/j", scheduler="jobset")
     validate_jobset(js)
     rj = replicated_job(js)
     job = rj["template"]["spec"]
