@@ -59,8 +59,11 @@ REPLICATED_JOB_LABEL = "jobset.sigs.k8s.io/replicatedjob-name"
 RESTART_ATTEMPT_LABEL = "jobset.sigs.k8s.io/restart-attempt"
 COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 RANK0_ENV = "TORCHX_RANK0_HOST"
+# JobSet's webhook refuses a JobSet whose coordinator label, `<name>-<replicatedJob>-0-0.<name>`, would exceed a label
+# value's 63 characters: the name's random suffix is short (6 characters: 4e8 names) so that barlowtwins-eval fits
+NAME_SUFFIX_LENGTH = 6
 NO_QUEUE = "none"  # the queue option's value on a cluster without Kueue
-MAX_HOST_NAME = 63  # a DNS label
+MAX_LABEL = 63  # a DNS label (a host name) and a label's value
 # The Job controller's failure messages for its pod failure policy's two FailJob rules (kubernetes
 # pkg/controller/job/pod_failure_policy.go): "Container C for pod NS/P failed with exit code 2 matching FailJob
 # rule at index 0" and "Pod NS/P has condition DisruptionTarget matching FailJob rule at index 1"
@@ -75,10 +78,12 @@ def _refuse_what_a_jobset_cannot_run(app: AppDef, name: str) -> None:
                 f"nnodes {role.min_replicas}:{role.num_replicas}: a JobSet runs at one size (Kueue admits all its pods "
                 f"at once and it has no size between MIN and MAX): use --nnodes {role.num_replicas} with -s jobset, "
                 "or -s kubernetes (Volcano) for an elastic job")
-        host = f"{name}-{_replicated_job_name(role)}-0-{role.num_replicas - 1}"
-        if len(host) > MAX_HOST_NAME:
-            raise SubmissionError(f"the pods' host name {host} is longer than {MAX_HOST_NAME} characters: give the "
-                                  "job a shorter --name")
+    coordinator = f"{name}-{_replicated_job_name(app.roles[0])}-0-0.{name}"  # a label value, as JobSet writes it
+    hosts = [f"{name}-{_replicated_job_name(role)}-0-{role.num_replicas - 1}" for role in app.roles]
+    for what, value in [("coordinator's address", coordinator), *(("pods' host name", host) for host in hosts)]:
+        if len(value) > MAX_LABEL:
+            raise SubmissionError(f"the {what} {value} is longer than {MAX_LABEL} characters (JobSet refuses it): "
+                                  "give the job a shorter --name")
 
 
 def _replicated_job_name(role: Role) -> str:
@@ -132,7 +137,7 @@ def _replicated_job(app: AppDef, index: int, role: Role, name: str, cfg: Any) ->
 
 def render_jobset(app: AppDef, cfg: Any) -> dict:
     """The JobSet of `app` with the run options `cfg` (see the module docstring)."""
-    name = unique_job_name(app.name)
+    name = unique_job_name(app.name, NAME_SUFFIX_LENGTH)
     _refuse_what_a_jobset_cannot_run(app, name)
     queue = kueue_queue(cfg)
     labels = {QUEUE_LABEL: queue} if queue else {}

@@ -102,9 +102,10 @@ def component_defaults() -> dict[str, dict[str, str]]:
     return _load_sections(prefix="component")
 
 
-def unique_job_name(app_name: str) -> str:
-    """The app's name with torchx's random suffix, made a Kubernetes name as its Kubernetes scheduler makes it."""
-    return _normalize_str(_make_unique(app_name))
+def unique_job_name(app_name: str, suffix_length: int = 0) -> str:
+    """The app's name with torchx's random suffix (of `suffix_length` characters; 0: torchx's 64-bit one, 10 to 14
+    characters), made a Kubernetes name as its Kubernetes scheduler makes it."""
+    return _normalize_str(_make_unique(app_name, suffix_length))
 
 
 def pod_for_role(container_name: str, role: Any, service_account: str | None) -> dict:
