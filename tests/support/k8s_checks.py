@@ -1,4 +1,5 @@
-"""checkov over several groups of Kubernetes objects in one run, and a Volcano Job to check validators against.
+"""checkov over several groups of Kubernetes objects in one run, `kubectl kustomize`, and a Volcano Job to check
+validators against.
 
 checkov's start-up (loading every check) is most of a run's time: tests that scan different objects share one
 run through ``checkov_failures_by_group`` and read the failures of their own group.
@@ -9,13 +10,60 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import yaml
 
 from tests.support.k8s_schemas import checkov_executable
+
+K8S = Path(__file__).resolve().parents[2] / "k8s"
+# each folder that `kubectl kustomize` builds; base is not applied alone, but must build
+FOLDERS = {"base": K8S / "base", "volcano": K8S / "overlays" / "volcano", "kueue": K8S / "overlays" / "kueue"}
+
+
+def load_documents(path: Path) -> list[dict]:
+    return [document for document in yaml.safe_load_all(path.read_text()) if document is not None]
+
+
+def kustomization_of(folder: Path) -> dict:
+    return yaml.safe_load((folder / "kustomization.yaml").read_text())
+
+
+def read_kustomization(folder: Path) -> list[dict]:
+    """The objects of a kustomization as kustomize builds them: its resources in order (a file, or a folder with a
+    kustomization of its own), then its patches, each a list of `add /rules/-` operations on the Role it targets."""
+    kustomization = kustomization_of(folder)
+    objects: list[dict] = []
+    for resource in kustomization["resources"]:
+        path = (folder / resource).resolve()
+        objects += read_kustomization(path) if path.is_dir() else load_documents(path)
+    for patch in kustomization.get("patches", []):
+        target = patch["target"]
+        (role,) = [obj for obj in objects if (obj["kind"], obj["metadata"]["name"]) == (target["kind"], target["name"])]
+        role["rules"] += [operation["value"] for operation in yaml.safe_load((folder / patch["path"]).read_text())]
+    return objects
+
+
+
+def kubectl() -> str:
+    """kubectl beside this Python (`make kubectl` puts it in the virtual environment where none is installed), else
+    on PATH; a failure that says how to get it otherwise."""
+    beside = Path(sys.executable).parent / "kubectl"
+    found = str(beside) if beside.is_file() else shutil.which("kubectl")
+    if found is None:
+        raise AssertionError("kubectl is not installed: `make kubectl` installs it (k8s/'s overlays are built with it)")
+    return found
+
+
+def kustomize_build(folder: Path) -> list[dict]:
+    """The objects `kubectl kustomize FOLDER` builds (offline: no cluster)."""
+    result = subprocess.run([kubectl(), "kustomize", str(folder)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"kubectl kustomize {folder}:\n{result.stderr}"
+    return [document for document in yaml.safe_load_all(result.stdout) if document is not None]
 
 
 def checkov_failures_by_group(groups: dict[str, list[dict]],

@@ -3,16 +3,13 @@ kustomizations, overlays that build to their scheduler's objects and no other's,
 Kueue's objects naming each other, no committed secrets, settings the schedulers accept; and validators that do
 reject mistakes. checkov's findings on the built overlays: tests/integration/test_k8s_manifests.py.
 
-Most tests read the overlays as `_build` resolves their kustomizations (files, the base, and the patches, which
-only add Role rules), without kubectl; the tests that take the `built` fixture check that `kubectl kustomize`
-builds exactly that, and validate what it builds."""
+The tests read the overlays as `read_kustomization` (tests/support/k8s_checks.py) resolves their kustomizations
+(files, the base, and the patches, which only add Role rules), in process; tests/integration/test_k8s_manifests.py
+checks that `kubectl kustomize` builds exactly that, and validates what it builds."""
 
 import configparser
 import copy
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +19,15 @@ from torchx.runner.config import apply as apply_torchxconfig
 from torchx.schedulers import get_scheduler_factories
 from torchx.specs import get_named_resources
 
-from tests.support.k8s_checks import checkov_failures_by_group, volcano_job
+from tests.support.k8s_checks import (
+    FOLDERS,
+    K8S,
+    checkov_failures_by_group,
+    kustomization_of,
+    load_documents,
+    read_kustomization,
+    volcano_job,
+)
 from tests.support.k8s_schemas import (
     checkov_failures,
     template_as_pod,
@@ -33,9 +38,6 @@ from tests.support.k8s_schemas import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-K8S = REPO / "k8s"
-# each folder that `kubectl kustomize` builds; base is not applied alone, but must build
-FOLDERS = {"base": K8S / "base", "volcano": K8S / "overlays" / "volcano", "kueue": K8S / "overlays" / "kueue"}
 NAMESPACE = "barlow"
 CLUSTER_SCOPED = {"Namespace", "PriorityClass", "Queue", "ClusterQueue", "ResourceFlavor", "WorkloadPriorityClass",
                   "ClusterRole", "ClusterRoleBinding"}
@@ -43,18 +45,10 @@ SUBMITTER_ROLE = {"group": "rbac.authorization.k8s.io", "version": "v1", "kind":
                   "namespace": NAMESPACE}
 
 
-def _load(path: Path) -> list[dict]:
-    return [document for document in yaml.safe_load_all(path.read_text()) if document is not None]
-
-
-def _kustomization(folder: Path) -> dict:
-    return yaml.safe_load((folder / "kustomization.yaml").read_text())
-
-
 def _patch_files() -> set[Path]:
     """The files that kustomizations name as patches: JSON patches, not objects (test_patches_only_add_...)."""
     return {(path.parent / patch["path"]).resolve()
-            for path in K8S.rglob("kustomization.yaml") for patch in _kustomization(path.parent).get("patches", [])}
+            for path in K8S.rglob("kustomization.yaml") for patch in kustomization_of(path.parent).get("patches", [])}
 
 
 PATCHES = _patch_files()
@@ -66,28 +60,13 @@ def _manifest_files() -> list[Path]:
 
 def _documents() -> list[tuple[str, dict]]:
     return [(f"{path.relative_to(K8S)}#{index}", document)
-            for path in _manifest_files() for index, document in enumerate(_load(path))]
+            for path in _manifest_files() for index, document in enumerate(load_documents(path))]
 
 
 DOCUMENTS = _documents()
 
 
-def _build(folder: Path) -> list[dict]:
-    """The objects of a kustomization as kustomize builds them: its resources in order (a file, or a folder with a
-    kustomization of its own), then its patches, each a list of `add /rules/-` operations on the Role it targets."""
-    kustomization = _kustomization(folder)
-    objects: list[dict] = []
-    for resource in kustomization["resources"]:
-        path = (folder / resource).resolve()
-        objects += _build(path) if path.is_dir() else _load(path)
-    for patch in kustomization.get("patches", []):
-        target = patch["target"]
-        (role,) = [obj for obj in objects if (obj["kind"], obj["metadata"]["name"]) == (target["kind"], target["name"])]
-        role["rules"] += [operation["value"] for operation in yaml.safe_load((folder / patch["path"]).read_text())]
-    return objects
-
-
-BUILDS = {name: _build(folder) for name, folder in FOLDERS.items()}
+BUILDS = {name: read_kustomization(folder) for name, folder in FOLDERS.items()}
 
 
 def _objects(kind: str, documents: list[dict] | None = None) -> list[dict]:
@@ -102,26 +81,6 @@ def _only(kind: str, documents: list[dict] | None = None) -> dict:
 
 def _group(obj: dict) -> str:
     return obj["apiVersion"].rpartition("/")[0]
-
-
-def _kubectl() -> str | None:
-    """kubectl beside this Python (a wheel in the virtual environment), else on PATH."""
-    beside = Path(sys.executable).parent / "kubectl"
-    return str(beside) if beside.is_file() else shutil.which("kubectl")
-
-
-@pytest.fixture(scope="module")
-def built() -> dict[str, list[dict]]:
-    """What `kubectl kustomize` builds of each folder (one call each, about 0.1 s; it needs no cluster)."""
-    kubectl = _kubectl()
-    if kubectl is None:
-        pytest.skip("kubectl is not installed: the overlays cannot be built with `kubectl kustomize`")
-    builds = {}
-    for name, folder in FOLDERS.items():
-        result = subprocess.run([kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0, f"kubectl kustomize {folder.relative_to(REPO)}:\n{result.stderr}"
-        builds[name] = [document for document in yaml.safe_load_all(result.stdout) if document is not None]
-    return builds
 
 
 @pytest.mark.parametrize("document", [document for _, document in DOCUMENTS], ids=[i for i, _ in DOCUMENTS])
@@ -151,7 +110,7 @@ def test_the_expected_objects_are_there():
 def test_each_kustomization_lists_every_file_of_its_folder_and_nothing_optional():
     assert {path.parent for path in K8S.rglob("kustomization.yaml")} == set(FOLDERS.values()), "a stray kustomization"
     for name, folder in FOLDERS.items():
-        kustomization = _kustomization(folder)
+        kustomization = kustomization_of(folder)
         assert set(kustomization) <= {"apiVersion", "kind", "resources", "patches"}, name
         resources = kustomization["resources"]
         assert len(resources) == len(set(resources)), f"{name}: a resource is listed twice"
@@ -171,7 +130,7 @@ def test_patches_only_add_rules_to_the_submitter_role():
     not read them, so each operation is checked here, and its rules validate as a Role's."""
     assert PATCHES == {FOLDERS[name] / "rbac-submitter-rules.yaml" for name in ("volcano", "kueue")}
     for name, folder in FOLDERS.items():
-        for patch in _kustomization(folder).get("patches", []):
+        for patch in kustomization_of(folder).get("patches", []):
             assert set(patch) == {"path", "target"} and patch["target"] == SUBMITTER_ROLE, name
             operations = yaml.safe_load((folder / patch["path"]).read_text())
             assert operations and all(set(operation) == {"op", "path", "value"} for operation in operations), name
@@ -379,20 +338,6 @@ def test_torchxconfig_options_are_accepted_by_their_schedulers():
         resolved = schedulers[scheduler](session_name="test").run_opts().resolve(cfg)
         assert resolved["queue"] == "barlow" and resolved["namespace"] == "barlow", scheduler
         assert resolved["priority_class"] == "barlow-training", scheduler
-
-
-@pytest.mark.parametrize("name", FOLDERS)
-def test_kubectl_kustomize_builds_each_folder_as_these_tests_read_it(built, name):
-    def key(obj: dict) -> tuple[str, str]:
-        return obj["kind"], obj["metadata"]["name"]
-
-    assert sorted(built[name], key=key) == sorted(BUILDS[name], key=key)
-
-
-@pytest.mark.parametrize("name", FOLDERS)
-def test_every_built_object_validates(built, name):
-    for obj in built[name]:
-        validate_manifest(obj)
 
 
 def test_queue_with_a_misspelt_field_is_rejected():
