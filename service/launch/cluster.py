@@ -42,7 +42,6 @@ class ClusterScheduler(KubernetesScheduler):
     group: str
     version: str
     plural: str
-    kind: str  # as a sentence names it: "Volcano job", "JobSet"
     queue_help: str
 
     def _run_opts(self) -> runopts:
@@ -82,7 +81,7 @@ class ClusterScheduler(KubernetesScheduler):
         with warnings.catch_warnings(record=True) as caught:  # torchx warns of a kubeconfig it cannot load
             warnings.simplefilter("always")
             try:
-                created = self._custom_objects_api().create_namespaced_custom_object(
+                created = self.custom_objects().create_namespaced_custom_object(
                     group=self.group, version=self.version, namespace=namespace, plural=self.plural,
                     body=dryrun_info.request.resource)
             except api_errors() as error:
@@ -102,7 +101,7 @@ class ClusterScheduler(KubernetesScheduler):
         """The job NAMESPACE:NAME as the API server returns it, status included; JobError if it cannot."""
         namespace, _, name = app_id.partition(":")
         try:
-            return self._custom_objects_api().get_namespaced_custom_object(
+            return self.custom_objects().get_namespaced_custom_object(
                 group=self.group, version=self.version, namespace=namespace, plural=self.plural, name=name)
         except api_errors() as error:
             raise JobError(f"job {app_id}: the Kubernetes API refused or could not be reached ({api_detail(error)}); "
@@ -112,7 +111,7 @@ class ClusterScheduler(KubernetesScheduler):
     def _cancel_existing(self, app_id: str) -> None:
         """Deletes the job and, in the background, its pods."""
         namespace, _, name = app_id.partition(":")
-        self._custom_objects_api().delete_namespaced_custom_object(
+        self.custom_objects().delete_namespaced_custom_object(
             group=self.group, version=self.version, namespace=namespace, plural=self.plural, name=name,
             propagation_policy="Background")
 

@@ -185,7 +185,7 @@ def jobset_state(jobset: dict) -> tuple[AppState, str]:
 class JobSetScheduler(ClusterScheduler):
     """Renders and creates JobSets; status, logs, list and cancel read them back."""
 
-    group, version, plural, kind = "jobset.x-k8s.io", "v1alpha2", "jobsets", "JobSet"
+    group, version, plural = "jobset.x-k8s.io", "v1alpha2", "jobsets"
     queue_help = ("Kueue LocalQueue of the job (label kueue.x-k8s.io/queue-name; created suspended); none: a cluster "
                   "without Kueue")
     priority_help = ("Kueue WorkloadPriorityClass of the job (label kueue.x-k8s.io/priority-class); without a "
@@ -205,8 +205,8 @@ class JobSetScheduler(ClusterScheduler):
         return DescribeAppResponse(app_id=app_id, state=state, msg=message)
 
     def list(self) -> list[ListAppResponse]:
-        namespace = (self._get_active_context().get("context") or {}).get("namespace") or DEFAULTS["namespace"]
-        found = self._custom_objects_api().list_namespaced_custom_object(
+        namespace = self.context_namespace() or DEFAULTS["namespace"]
+        found = self.custom_objects().list_namespaced_custom_object(
             group=self.group, version=self.version, namespace=namespace, plural=self.plural, timeout_seconds=30)
         return [ListAppResponse(app_id=f"{namespace}:{item['metadata']['name']}", state=jobset_state(item)[0])
                 for item in found["items"]]
@@ -215,12 +215,12 @@ class JobSetScheduler(ClusterScheduler):
                  until: Any = None, should_tail: bool = False, streams: Stream | None = None) -> Iterable[str]:
         """The log of the role's k-th pod of the JobSet's newest attempt, found by the labels JobSet and the indexed
         Job give it."""
-        from kubernetes import client, watch
+        from kubernetes import watch
 
         if until is not None or streams not in (None, Stream.COMBINED):
             raise ValueError("the jobset scheduler reads a pod's combined log, with no end time")
         namespace, _, name = app_id.partition(":")
-        core = client.CoreV1Api(self._api_client())
+        core = self.core_api()
         selector = (f"{JOBSET_NAME_LABEL}={name},{REPLICATED_JOB_LABEL}={role_name.lower().replace('_', '-')},"
                     f"{COMPLETION_INDEX_LABEL}={k}")
         try:

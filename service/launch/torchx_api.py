@@ -40,8 +40,9 @@ IMAGE_PUSH_TIMEOUT_S = 3600
 
 
 class KubernetesScheduler(_KubernetesScheduler):
-    """torchx's Kubernetes scheduler with its workspace images' Docker client made here: torchx 0.7.0's
-    DockerWorkspaceMixin reads the internal `_docker_client` property and gives it no timeout setting."""
+    """torchx's Kubernetes scheduler with its workspace images' Docker client made here (torchx 0.7.0's
+    DockerWorkspaceMixin reads the internal `_docker_client` property and gives it no timeout setting), and its
+    internal API clients and kubeconfig context reached through public methods."""
 
     def __init__(self, session_name: str, client: Any = None, docker_client: Any = None) -> None:
         super().__init__(session_name, client=client, docker_client=docker_client)
@@ -54,6 +55,20 @@ class KubernetesScheduler(_KubernetesScheduler):
 
             self._images_client = docker.from_env(timeout=IMAGE_PUSH_TIMEOUT_S)
         return self._images_client
+
+    def custom_objects(self) -> Any:
+        """The Kubernetes client's CustomObjectsApi on torchx's API client (kubeconfig loaded once)."""
+        return self._custom_objects_api()
+
+    def core_api(self) -> Any:
+        """The Kubernetes client's CoreV1Api (pods and their logs) on the same API client."""
+        from kubernetes import client
+
+        return client.CoreV1Api(self._api_client())
+
+    def context_namespace(self) -> str | None:
+        """The namespace of kubectl's current context, if it names one."""
+        return (self._get_active_context().get("context") or {}).get("namespace")
 
 
 def images_to_push(dryrun_info: Any) -> dict:

@@ -50,7 +50,7 @@ def complete_volcano_job(job: dict, app: AppDef, cfg: Any) -> dict:
 class BarlowKubernetesScheduler(ClusterScheduler):
     """torchx's Kubernetes (Volcano) scheduler with the completion and checks above."""
 
-    group, version, plural, kind = "batch.volcano.sh", "v1alpha1", "jobs", "Volcano job"
+    group, version, plural = "batch.volcano.sh", "v1alpha1", "jobs"
     queue_help = "Volcano queue of the job"
 
     def _submit_dryrun(self, app: AppDef, cfg: Any) -> AppDryRunInfo:
