@@ -43,6 +43,7 @@ class ClusterScheduler(KubernetesScheduler):
     version: str
     plural: str
     queue_help: str
+    priority_help = "PriorityClass of the job's pods (k8s/ defines barlow-training)"
 
     def _run_opts(self) -> runopts:
         opts = runopts()
@@ -60,8 +61,6 @@ class ClusterScheduler(KubernetesScheduler):
                  help="Secret whose keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...) become the workers' "
                  "environment; leave unset with IRSA")
         return opts
-
-    priority_help = "PriorityClass of the job's pods (k8s/ defines barlow-training)"
 
     def build_workspace_and_update_role(self, role: Role, workspace: str, cfg: Any) -> None:
         check_for_kubernetes(AppDef(name="check", roles=[role]))  # before minutes of image building
