@@ -78,16 +78,17 @@ def _refuse_what_a_jobset_cannot_run(app: AppDef, name: str) -> None:
                 f"nnodes {role.min_replicas}:{role.num_replicas}: a JobSet runs at one size (Kueue admits all its pods "
                 f"at once and it has no size between MIN and MAX): use --nnodes {role.num_replicas} with -s jobset, "
                 "or -s kubernetes (Volcano) for an elastic job")
-    coordinator = f"{name}-{_replicated_job_name(app.roles[0])}-0-0.{name}"  # a label value, as JobSet writes it
-    hosts = [f"{name}-{_replicated_job_name(role)}-0-{role.num_replicas - 1}" for role in app.roles]
+    coordinator = f"{name}-{_replicated_job_name(app.roles[0].name)}-0-0.{name}"  # a label value, as JobSet writes it
+    hosts = [f"{name}-{_replicated_job_name(role.name)}-0-{role.num_replicas - 1}" for role in app.roles]
     for what, value in [("coordinator's address", coordinator), *(("pods' host name", host) for host in hosts)]:
         if len(value) > MAX_LABEL:
             raise SubmissionError(f"the {what} {value} is longer than {MAX_LABEL} characters (JobSet refuses it): "
                                   "give the job a shorter --name")
 
 
-def _replicated_job_name(role: Role) -> str:
-    return role.name.lower().replace("_", "-")
+def _replicated_job_name(role_name: str) -> str:
+    """A role's replicated Job (and container) name: a DNS label."""
+    return role_name.lower().replace("_", "-")
 
 
 def _pod_failure_policy(container: str) -> dict:
@@ -120,7 +121,7 @@ def kueue_queue(cfg: Any) -> str | None:
 def _replicated_job(app: AppDef, index: int, role: Role, name: str, cfg: Any) -> dict:
     """One role as a replicated Job of `num_replicas` indexed pods, each the pod Volcano's task would run."""
     values = macros.Values(img_root="", app_id=name, replica_id="$(JOB_COMPLETION_INDEX)", rank0_env=RANK0_ENV)
-    container_name = _replicated_job_name(role)
+    container_name = _replicated_job_name(role.name)
     pod = pod_for_role(container_name, values.apply(role), run_option(cfg, "service_account"))
     spec = complete_pod(pod["spec"], role, cfg)
     for container in spec["containers"]:
@@ -221,7 +222,7 @@ class JobSetScheduler(ClusterScheduler):
             raise ValueError("the jobset scheduler reads a pod's combined log, with no end time")
         namespace, _, name = app_id.partition(":")
         core = self.core_api()
-        selector = (f"{JOBSET_NAME_LABEL}={name},{REPLICATED_JOB_LABEL}={role_name.lower().replace('_', '-')},"
+        selector = (f"{JOBSET_NAME_LABEL}={name},{REPLICATED_JOB_LABEL}={_replicated_job_name(role_name)},"
                     f"{COMPLETION_INDEX_LABEL}={k}")
         try:
             pods = core.list_namespaced_pod(namespace, label_selector=selector).items
