@@ -1,5 +1,5 @@
 """The kNN monitor of a pretraining run (`monitor` in the spec): the probes' weighted kNN on the backbone, every N
-epochs, logged to stats.txt."""
+epochs, logged to stats.txt with the RankMe of the same features (label-free: the effective rank)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from service.data.loader import Transformed
 from service.evaluation.probes import gathered_features, knn_scores, topk_correct
 from service.method.transforms import feature_pipeline
 from service.observe.stats import TrainingStats
+from service.observe.step_metrics import RANKME_SAMPLE, rankme
 from service.runtime import distributed
 from service.spec import TrainSpec
 
@@ -18,7 +19,9 @@ class KnnMonitor:
     """The kNN monitor (spec.monitor): top-1 of a weighted kNN classifier on the backbone's features, every N epochs.
 
     The labelled training images are the memory bank and the held-out split the queries; both are embedded in
-    shares across the workers and gathered, so every worker computes the same accuracy. Nothing here trains.
+    shares across the workers and gathered, so every worker computes the same accuracy. Nothing here trains. The
+    bank's features, the first RANKME_SAMPLE of them in the data set's order (the same images at every pass),
+    also give RankMe, logged with the sample's size (`rankme_sample`): the rank cannot exceed it.
     """
 
     def __init__(self, spec: TrainSpec, worker: distributed.Worker, loader_workers: int):
@@ -44,5 +47,7 @@ class KnnMonitor:
         scores = knn_scores(bank[0], bank[1], queries[0], int(bank[1].max()) + 1, k=self.spec.knn_k,
                             temperature=self.spec.knn_temperature)
         accuracy = 100 * topk_correct(scores, queries[1], ks=(1,))[0] / len(queries[1])
-        stats.record(epoch=epoch, step=step, knn_top1=accuracy)
+        if self.worker.rank == 0:  # only the main worker writes stats: the others skip the decomposition
+            sample = bank[0][:RANKME_SAMPLE]
+            stats.record(epoch=epoch, step=step, knn_top1=accuracy, rankme=rankme(sample), rankme_sample=len(sample))
         return accuracy

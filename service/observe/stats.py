@@ -31,7 +31,7 @@ TAGS = {
     "images_per_s": "throughput/images_per_s", "images_per_s_per_worker": "throughput/images_per_s_per_worker",
     "data_wait": "throughput/data_wait", "step_time": "throughput/step_time",
     "peak_memory_gib": "memory/peak_gib", "embedding_std": "collapse/embedding_std",
-    "knn_top1": "knn/top1",
+    "knn_top1": "knn/top1", "rankme": "collapse/rankme",
 }
 CORRELATION_TAG = "cross_correlation"
 

@@ -22,6 +22,22 @@ T = TypeVar("T")
 CORRELATION_IMAGE_SIZE = 64
 
 
+# RankMe's sample: the first rows of the monitor's features, as many as Garrido et al. (ICML 2023) use. The rank
+# cannot exceed the sample's size (nor the feature dimension): compare runs at the same sample, of one method.
+RANKME_SAMPLE = 25_600
+RANKME_EPSILON = 1e-7  # the paper's epsilon, added to each normalised singular value before the entropy
+
+
+def rankme(features: torch.Tensor) -> float:
+    """RankMe (Garrido et al., "RankMe: Assessing the downstream performance of pretrained self-supervised
+    representations by their rank", ICML 2023): exp of the entropy of the features' singular values normalised to
+    sum 1, the effective rank of a (samples x dimension) matrix: 1 when every sample has the same direction, up to
+    min(samples, dimension) when the features fill their space. A label-free signal of (dimensional) collapse."""
+    singular = torch.linalg.svdvals(features.detach().double())
+    p = singular / singular.sum() + RANKME_EPSILON
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
 def embedding_std(z: torch.Tensor) -> torch.Tensor:
     """The collapse signal (as lightly logs it): the mean over dimensions of the standard deviation over the batch
     of the L2-normalised embeddings. About 1/sqrt(D) for embeddings spread over the sphere, 0 when every input maps

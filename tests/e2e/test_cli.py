@@ -38,6 +38,8 @@ def test_digits_pretraining_under_torchrun_logs_every_step_and_exports(tiny_run,
     monitor = [record for record in records if "knn_top1" in record]  # after the last (and only) epoch
     assert [(record["epoch"], record["step"]) for record in monitor] == [(0, 16)]
     assert all(0 <= record["knn_top1"] <= 100 for record in monitor)
+    # RankMe of the 1078 training digits' 512-wide ResNet-18 features (gathered from both workers, written once)
+    assert all(record["rankme_sample"] == 1078 and 1 < record["rankme"] <= 512 for record in monitor), monitor
     happened = events(records)
     assert [(event["event"], event["step"]) for event in happened] == [
         ("start", 0), ("checkpoint", 4), ("checkpoint", 8), ("checkpoint", 12), ("checkpoint", 16), ("end", 16)]

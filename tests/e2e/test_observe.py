@@ -75,6 +75,10 @@ def test_event_files_on_s3_hold_the_scalars_and_the_images_and_a_resume_leaves_n
         steps = [event.step for event in scalars]
         assert steps == sorted(set(steps)) == list(range(16)), (tag, steps)  # no step twice
         assert [event.value for event in scalars] == pytest.approx([logged[s][name] for s in steps], rel=1e-6)
+    # the kNN monitor's pass (after the epoch, step 16) logs RankMe beside the accuracy, under collapse/
+    monitor = [line for line in resumed_run.records() if "knn_top1" in line][-1]  # the resumed attempt's
+    assert [(event.step, event.value) for event in events.Scalars("collapse/rankme")] == \
+        [(16, pytest.approx(monitor["rankme"], rel=1e-6))]
     images = events.Images("cross_correlation")
     assert [image.step for image in images] == list(range(0, 16, 2))
     redrawn = images[-2]  # step 12's, drawn again by the resumed attempt

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from service.observe import step_metrics
-from service.observe.step_metrics import StepClock, decimated, embedding_std, peak_memory_gib
+from service.observe.step_metrics import StepClock, decimated, embedding_std, peak_memory_gib, rankme
 from service.observe.tensorboard import correlation_colors
 
 
@@ -67,3 +67,27 @@ def test_peak_memory_on_the_cpu_covers_what_the_process_held():
     held = torch.ones(2**28 // 4 * 3)  # 0.75 GiB of float32, touched
     assert float(held[-1]) == 1.0
     assert peak_memory_gib(torch.device("cpu")) >= 0.75
+
+
+def rankme_by_hand(features: np.ndarray, epsilon: float = 1e-7) -> float:
+    """RankMe as the paper writes it (Garrido et al., ICML 2023, eq. 1), with numpy's SVD: p_k = sigma_k / ||sigma||_1
+    + epsilon, RankMe = exp(-sum_k p_k log p_k)."""
+    sigma = np.linalg.svd(features, compute_uv=False)
+    p = sigma / np.abs(sigma).sum() + epsilon
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def test_rankme_is_the_papers_effective_rank_and_tells_full_from_dimensional_and_complete_collapse():
+    generator = np.random.default_rng(0)
+    spread = generator.standard_normal((2000, 64))
+    low_rank = generator.standard_normal((2000, 8)) @ generator.standard_normal((8, 64))  # dimensional collapse
+    collapsed = np.tile(generator.standard_normal((1, 64)), (2000, 1)) + 1e-6 * generator.standard_normal((2000, 64))
+    ranks = {}
+    for name, features in {"spread": spread, "low rank": low_rank, "collapsed": collapsed}.items():
+        ranks[name] = rankme(torch.from_numpy(features).float())
+        assert ranks[name] == pytest.approx(rankme_by_hand(features), rel=1e-4), name
+    assert 0.9 * 64 < ranks["spread"] <= 64  # fills its space: near the dimension
+    assert 4 < ranks["low rank"] <= 8 + 0.01  # at most the 8 directions it has
+    assert ranks["collapsed"] < 1.1  # every sample in one direction
+    few = rankme(torch.from_numpy(spread[:16]).float())
+    assert few <= 16 + 0.01  # never more than the sample: the reason its size is logged
