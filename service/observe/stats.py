@@ -31,6 +31,8 @@ TAGS = {
     "images_per_s": "throughput/images_per_s", "images_per_s_per_worker": "throughput/images_per_s_per_worker",
     "data_wait": "throughput/data_wait", "step_time": "throughput/step_time",
     "peak_memory_gib": "memory/peak_gib", "embedding_std": "collapse/embedding_std",
+    "correlation_diagonal": "collapse/correlation_diagonal",
+    "correlation_off_diagonal": "collapse/correlation_off_diagonal",
     "knn_top1": "knn/top1", "rankme": "collapse/rankme",
 }
 CORRELATION_TAG = "cross_correlation"

@@ -38,6 +38,16 @@ def rankme(features: torch.Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
+def correlation_magnitudes(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean |C_ii| and the mean |C_ij| (i != j) of the cross-correlation C: what Barlow Twins drives to 1
+    (invariance: the two views agree in every dimension) and to 0 (redundancy reduction: the dimensions are
+    decorrelated). 0-d tensors on C's device, read with the step's other measurements."""
+    c = c.detach().float().abs()
+    diagonal = c.diagonal().sum()
+    dimension = c.shape[0]
+    return diagonal / dimension, (c.sum() - diagonal) / (dimension * (dimension - 1))
+
+
 def embedding_std(z: torch.Tensor) -> torch.Tensor:
     """The collapse signal (as lightly logs it): the mean over dimensions of the standard deviation over the batch
     of the L2-normalised embeddings. About 1/sqrt(D) for embeddings spread over the sphere, 0 when every input maps

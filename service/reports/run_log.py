@@ -36,7 +36,8 @@ EVENTS = ("start", "checkpoint", "preempted", "end", "diverged")
 COUNTS = ("step", "epoch", "total_steps", "steps_per_epoch", "world_size", "global_batch", "rankme_sample")
 CLOCKS = ("time", "wall", "step_time")  # seconds, added and turned into dates: finite and within MAX_SECONDS
 MEASURES = ("loss", "loss_on_diag", "loss_off_diag", "lr_weights", "lr_biases", "images_per_s",
-            "images_per_s_per_worker", "data_wait", "peak_memory_gib", "embedding_std", "knn_top1", "rankme")
+            "images_per_s_per_worker", "data_wait", "peak_memory_gib", "embedding_std", "correlation_diagonal",
+            "correlation_off_diagonal", "knn_top1", "rankme")
 MAX_COUNT = 2**53  # exact as a float: a count times a step time stays a float
 MAX_SECONDS = 1e11  # unix time in the year 5138: two of them added still make a date
 

@@ -7,7 +7,13 @@ from dataclasses import dataclass
 import torch
 
 from service.method.loss import barlow_twins_terms
-from service.observe.step_metrics import StepClock, decimated, embedding_std, peak_memory_gib
+from service.observe.step_metrics import (
+    StepClock,
+    correlation_magnitudes,
+    decimated,
+    embedding_std,
+    peak_memory_gib,
+)
 from service.runtime import distributed
 from service.runtime.guard import NonFiniteGuard
 from service.runtime.precision import Precision
@@ -17,12 +23,15 @@ from service.spec import LossSpec
 @dataclass
 class StepOutput:
     """What one step leaves on the device (0-d tensors, detached): the loss, its two terms scaled as the loss is
-    (they add up to it), and, for an observed step, the collapse signal and the decimated cross-correlation."""
+    (they add up to it), and, for an observed step, the collapse signal, the cross-correlation's mean diagonal and
+    off-diagonal magnitudes, and the decimated cross-correlation."""
 
     loss: torch.Tensor
     on_diag: torch.Tensor
     off_diag: torch.Tensor
     embedding_std: torch.Tensor | None = None
+    correlation_diagonal: torch.Tensor | None = None
+    correlation_off_diagonal: torch.Tensor | None = None
     correlation: torch.Tensor | None = None
 
 
@@ -52,6 +61,7 @@ def training_step(model, optimizer, scaler, precision: Precision, loss_spec: Los
     output = StepOutput(loss.detach(), on_diag.detach(), off_diag.detach())
     if observe:
         output.embedding_std = embedding_std(z1)
+        output.correlation_diagonal, output.correlation_off_diagonal = correlation_magnitudes(terms.correlation)
         output.correlation = decimated(terms.correlation)
     return output
 
@@ -60,11 +70,14 @@ def read_logged_step(output: StepOutput, clock: StepClock, worker: distributed.W
                       global_batch: int) -> dict[str, float]:
     """A logged step's measurements, read with one transfer from the device (which the loss's read waits for
     anyway), then the host's clock."""
-    assert output.embedding_std is not None  # a logged step is observed
-    loss, on_diag, off_diag, spread = torch.stack(
-        [value.float() for value in (output.loss, output.on_diag, output.off_diag, output.embedding_std)]).tolist()
+    observed = [output.embedding_std, output.correlation_diagonal, output.correlation_off_diagonal]
+    assert all(value is not None for value in observed)  # a logged step is observed
+    loss, on_diag, off_diag, spread, diagonal, off_diagonal = torch.stack(
+        [value.float() for value in (output.loss, output.on_diag, output.off_diag, *observed) if value is not None]
+    ).tolist()
     step_time, data_wait = clock.read()
     images_per_s = global_batch / step_time
     return dict(loss=loss, loss_on_diag=on_diag, loss_off_diag=off_diag, step_time=step_time,
                 images_per_s=images_per_s, images_per_s_per_worker=images_per_s / worker.world_size,
-                data_wait=data_wait, peak_memory_gib=peak_memory_gib(worker.device), embedding_std=spread)
+                data_wait=data_wait, peak_memory_gib=peak_memory_gib(worker.device), embedding_std=spread,
+                correlation_diagonal=diagonal, correlation_off_diagonal=off_diagonal)

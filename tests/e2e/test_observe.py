@@ -33,6 +33,10 @@ def test_a_tiny_run_logs_every_field_consistent_with_its_times(tiny_run, aws_env
         assert line["images_per_s_per_worker"] == pytest.approx(line["images_per_s"] / 2)
         assert 0 <= line["data_wait"] < 1 and line["peak_memory_gib"] > 0.1
         assert 0 < line["embedding_std"] <= 1 / math.sqrt(64) * 1.5
+        # the cross-correlation's mean |C_ii| and |C_ij|: the image's matrix (D = 64) read as numbers
+        assert 0 < line["correlation_diagonal"] <= 1 and 0 < line["correlation_off_diagonal"] <= 1
+        # sum_i (1 - C_ii)^2 >= D (1 - mean|C_ii|)^2 (Jensen, |C_ii| >= C_ii): the logged term bounds the mean
+        assert line["loss_on_diag"] >= 64 * (1 - line["correlation_diagonal"]) ** 2 * (1 - 1e-5)
     # the step times account for the attempt's wall time (checkpoints and uploads between steps included; the kNN
     # monitor comes after the last): they add up to the last line's `time` (whole seconds since the start, which
     # also holds the set-up before the first step)
@@ -70,7 +74,9 @@ def test_event_files_on_s3_hold_the_scalars_and_the_images_and_a_resume_leaves_n
     for name, tag in (("loss", "loss/total"), ("loss_on_diag", "loss/on_diag"), ("loss_off_diag", "loss/off_diag"),
                       ("lr_weights", "lr/weights"), ("images_per_s", "throughput/images_per_s"),
                       ("data_wait", "throughput/data_wait"), ("peak_memory_gib", "memory/peak_gib"),
-                      ("embedding_std", "collapse/embedding_std")):
+                      ("embedding_std", "collapse/embedding_std"),
+                      ("correlation_diagonal", "collapse/correlation_diagonal"),
+                      ("correlation_off_diagonal", "collapse/correlation_off_diagonal")):
         scalars = events.Scalars(tag)
         steps = [event.step for event in scalars]
         assert steps == sorted(set(steps)) == list(range(16)), (tag, steps)  # no step twice

@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from service.observe import step_metrics
-from service.observe.step_metrics import StepClock, decimated, embedding_std, peak_memory_gib, rankme
+from service.observe.step_metrics import (
+    StepClock,
+    correlation_magnitudes,
+    decimated,
+    embedding_std,
+    peak_memory_gib,
+    rankme,
+)
 from service.observe.tensorboard import correlation_colors
 
 
@@ -91,3 +98,12 @@ def test_rankme_is_the_papers_effective_rank_and_tells_full_from_dimensional_and
     assert ranks["collapsed"] < 1.1  # every sample in one direction
     few = rankme(torch.from_numpy(spread[:16]).float())
     assert few <= 16 + 0.01  # never more than the sample: the reason its size is logged
+
+
+def test_the_correlation_magnitudes_are_the_mean_absolute_diagonal_and_off_diagonal():
+    c = np.array([[0.9, -0.2, 0.1], [0.3, -0.5, 0.0], [-0.1, 0.2, 1.0]])
+    diagonal, off_diagonal = correlation_magnitudes(torch.from_numpy(c))
+    assert diagonal.item() == pytest.approx((0.9 + 0.5 + 1.0) / 3)
+    assert off_diagonal.item() == pytest.approx((0.2 + 0.1 + 0.3 + 0.0 + 0.1 + 0.2) / 6)
+    identity = correlation_magnitudes(torch.eye(64))  # what Barlow Twins drives C to
+    assert (identity[0].item(), identity[1].item()) == (1.0, 0.0)
