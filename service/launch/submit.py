@@ -38,6 +38,11 @@ def component_arguments(values: dict[str, Any], overrides: list[str]) -> list[st
     return arguments + list(overrides)
 
 
+class _WithoutAliases(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def runner() -> Runner:
     return get_runner(component_defaults=component_defaults())
 
@@ -70,9 +75,12 @@ class Submission:
         return cls(session, info, scheduler)
 
     def describe(self) -> str:
-        """What would be created: the Kubernetes resource as YAML, or the local scheduler's request."""
+        """What would be created: the Kubernetes resource as YAML (every object written out where it recurs, as
+        `kubectl get -o yaml` shows it, not as a YAML alias), or the local scheduler's request."""
         resource = getattr(self.info.request, "resource", None)
-        return yaml.safe_dump(resource, sort_keys=False) if isinstance(resource, dict) else f"{self.info}\n"
+        if not isinstance(resource, dict):
+            return f"{self.info}\n"
+        return yaml.dump(resource, Dumper=_WithoutAliases, sort_keys=False)
 
     def create(self) -> str:
         """Creates the job; its handle. A SubmissionError carries the scheduler's one-line reason; any other error

@@ -43,7 +43,7 @@ def complete_volcano_job(job: dict, app: AppDef, cfg: Any) -> dict:
             # elastic: the nodes left go on (torchrun re-forms the rendezvous); only the lost pod is recreated,
             # and joins at the next rendezvous. A fixed-size job keeps torchx's RestartJob: it cannot go on.
             task["policies"] = [{"event": event, "action": "RestartTask"} for event in ("PodEvicted", "PodFailed")]
-        task["policies"] = [USER_ERROR_POLICY, *task["policies"]]
+        task["policies"] = [dict(USER_ERROR_POLICY), *task["policies"]]  # a copy each: no YAML alias in a dry run
     return job
 
 

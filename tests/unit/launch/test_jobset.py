@@ -373,3 +373,17 @@ def test_other_components_run_as_a_jobset_with_their_own_image_user():
     validate_jobset(js)
     pod = replicated_job(js)["template"]["spec"]["template"]["spec"]
     assert "securityContext" not in pod and pod["containers"][0]["resources"]["requests"]["memory"] == "2048Mi"
+
+
+@pytest.mark.parametrize("scheduler", ["kubernetes", "jobset"])
+def test_the_dry_run_prints_every_object_in_full(scheduler):
+    """An object shared between tasks (the user-error policy) came out of `barlow submit --dryrun` as a YAML alias
+    (`- &id001` ... `- *id001`): unreadable to a user. torchx run's own printer is checked alike."""
+    submitted = barlow("submit", "specs/digits.yaml", "--scheduler", scheduler, "--nnodes", "2", "--nproc-per-node",
+                       "1", "--set", OUTPUT, "--dryrun")
+    typed = torchx("run", "--workspace", "", "--dryrun", "-s", scheduler, "barlowtwins.train", *DIGITS, "--nnodes",
+                   "2", OUTPUT)
+    for result in (submitted, typed):
+        assert result.returncode == 0, result.stderr
+        assert scheduler == "jobset" or "exitCode" in result.stdout  # the Volcano tasks share the policy
+        assert not re.search(r"[&*]id\d+", result.stdout)
