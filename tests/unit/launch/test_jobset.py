@@ -168,6 +168,10 @@ def test_a_name_too_long_for_jobset_is_refused():
     app = train("specs/digits.yaml", "run.output=s3://b/r", nnodes="2", name="a" * 22)
     with pytest.raises(SubmissionError, match="coordinator's address .* is longer than 63 .* shorter --name"):
         get_runner().dryrun(app, "jobset", cfg={}, workspace=None)
+    typed = torchx("run", "--workspace", "", "--dryrun", "-s", "jobset", "barlowtwins.train", *DIGITS, "--nnodes", "2",
+                   "--name", "a" * 22, OUTPUT)  # as a user types it: one line, exit 1, nothing rendered
+    assert typed.returncode == 1 and "shorter --name" in typed.stderr and "Traceback" not in typed.stderr
+    assert "=== SCHEDULER REQUEST ===" not in typed.stdout
 
 
 # The Job controller's messages for the FailJob rules of a pod failure policy (kubernetes
