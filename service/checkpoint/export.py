@@ -1,8 +1,16 @@
-"""The exported backbone: a torchvision ResNet state_dict without `fc.*`, as the reference's resnet50.pth."""
+"""The exported backbone: a torchvision ResNet state_dict without `fc.*`, as the reference's resnet50.pth, in either
+file form: torch.save's `.pth` (the reference's) or `.safetensors` (tensors only: reading one runs no code).
+"""
 
 from __future__ import annotations
 
+import io
+import pickle
+from typing import Any, get_args
+
+import safetensors.torch
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from service.checkpoint.catalog import inspect_checkpoint, list_checkpoints
@@ -12,6 +20,10 @@ from service.method.model import BarlowTwins
 from service.run import layout
 from service.spec import ModelSpec, StorageSpec, TrainSpec
 from service.storage.filesystem import filesystem, fsspec_options, open_for_writing
+
+FOLDER_CONFIG = "config.json"  # what marks a folder written by `barlow export`
+FOLDER_WEIGHTS = "model.safetensors"
+BACKBONES: tuple[str, ...] = get_args(ModelSpec.model_fields["backbone"].annotation)
 
 
 def backbone_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -25,10 +37,24 @@ def backbone_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {key: value.detach().cpu().clone() for key, value in backbone.state_dict().items()}
 
 
+SAFETENSORS = ".safetensors"
+WEIGHT_SUFFIXES = (".pth", ".pt", SAFETENSORS)
+
+
+def weights_bytes(state: dict[str, torch.Tensor], name: str) -> bytes:
+    """A state_dict serialised as a file named `name` holds it: safetensors for `.safetensors`, torch.save else."""
+    if name.endswith(SAFETENSORS):
+        return safetensors.torch.save({key: value.contiguous() for key, value in state.items()})
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
 def write_backbone(state: dict[str, torch.Tensor], url: str, storage: StorageSpec) -> None:
-    """Save a backbone state_dict to a path or URL; a failure is a StorageError naming the URL."""
+    """Save a backbone state_dict to a path or URL, in the form its suffix names; a failure is a StorageError
+    naming the URL."""
     with open_for_writing(url, storage) as file:
-        torch.save(state, file)
+        file.write(weights_bytes(state, url))
 
 
 def exported_weights_url(spec: TrainSpec) -> str:
@@ -46,6 +72,12 @@ def export_backbone(model: nn.Module, spec: TrainSpec) -> str:
 
 def checkpoint_backbone(checkpoint_url: str, storage: StorageSpec) -> dict[str, torch.Tensor]:
     """The backbone of a training checkpoint, read without a process group."""
+    return backbone_state_dict(checkpoint_model(checkpoint_url, storage)[0])
+
+
+def checkpoint_model(checkpoint_url: str, storage: StorageSpec) -> tuple[BarlowTwins, dict[str, Any]]:
+    """The whole model of a training checkpoint (backbone and projector) and the checkpoint's manifest, read
+    without a process group."""
     checkpoint = inspect_checkpoint(checkpoint_url, storage)
     if not checkpoint.valid:
         raise CheckpointError(f"{checkpoint_url} cannot be read: {checkpoint.problem}")
@@ -57,7 +89,7 @@ def checkpoint_backbone(checkpoint_url: str, storage: StorageSpec) -> dict[str, 
     except CorruptCheckpoint as error:
         raise CheckpointError(f"{checkpoint_url} is corrupt: {error}") from None
     model.load_state_dict(state["model"])
-    return backbone_state_dict(model)
+    return model, checkpoint.manifest
 
 
 def export_checkpoint(checkpoint_url: str, output_url: str, storage: StorageSpec) -> dict[str, torch.Tensor]:
@@ -68,21 +100,41 @@ def export_checkpoint(checkpoint_url: str, output_url: str, storage: StorageSpec
 
 
 def read_weights(url: str, storage: StorageSpec) -> dict[str, torch.Tensor]:
-    """A state_dict saved with torch.save, from a path or URL (tensors only: weights_only)."""
+    """A state_dict from a path or URL: a `.safetensors` file, or one saved with torch.save (tensors only:
+    weights_only). A file of neither form is a CheckpointError naming it."""
     fs, path = filesystem(url, storage)
     try:
         with fs.open(path, "rb") as file:
+            if url.endswith(SAFETENSORS):
+                return safetensors.torch.load(file.read())
             return torch.load(file, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"backbone weights {url} do not exist") from None
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        raise CheckpointError(f"{url} is not a weights file: {str(error).splitlines()[0][:200]}") from None
+
+
+def folder_weights(folder: str, storage: StorageSpec) -> str | None:
+    """The weights file of a folder `barlow export` wrote (its config.json beside): model.safetensors, else the
+    `.pth` named after the architecture; None when `folder` is not such a folder."""
+    fs, path = filesystem(folder, storage)
+    if not fs.exists(f"{path}/{FOLDER_CONFIG}"):
+        return None
+    for name in (FOLDER_WEIGHTS, *(f"{arch}.pth" for arch in BACKBONES)):
+        if fs.exists(f"{path}/{name}"):
+            return layout.under(folder, name)
+    raise CheckpointError(f"{folder} holds a config.json but no weights file (model.safetensors or <backbone>.pth)")
 
 
 def load_pretrained(source: str, storage: StorageSpec) -> dict[str, torch.Tensor]:
-    """Backbone weights from an exported file, a training checkpoint, or a training run (its newest checkpoint)."""
-    if source.rstrip("/").endswith((".pth", ".pt")):
+    """Backbone weights from an exported file (.safetensors, .pth), a folder `barlow export` wrote, a training
+    checkpoint, or a training run (its newest checkpoint)."""
+    if source.rstrip("/").endswith(WEIGHT_SUFFIXES):
         return read_weights(source, storage)
     if "/step-" in source:
         return checkpoint_backbone(source, storage)
+    if (weights := folder_weights(source.rstrip("/"), storage)) is not None:
+        return read_weights(weights, storage)
     valid = [c for c in list_checkpoints(source, storage) if c.valid]
     if not valid:
         raise CheckpointError(f"{source} is neither a .pth file nor a checkpoint, and holds no valid checkpoint")

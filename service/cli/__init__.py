@@ -4,7 +4,7 @@
     barlow validate SPEC [--set ...] [--world-size N]    check a spec and print it resolved
     barlow schema [-o FILE]                              the spec's JSON Schema, for editors
     barlow checkpoints ls RUN_URL [--verify]             a run's checkpoints, valid, incomplete or corrupt
-    barlow export CHECKPOINT_URL OUT                     a checkpoint's backbone as a torchvision state_dict
+    barlow export RUN_OR_CHECKPOINT DEST [--format F]    a model folder: safetensors, config.json, model card, ONNX
     barlow submit SPEC --scheduler local_cwd|kubernetes|jobset  launch through TorchX (and status / logs / cancel)
     barlow evaluate SPEC [--set ...]                     linear probe, finetune or kNN of a backbone (evaluation spec)
     barlow compare SPEC [--weights W]                    pretrained vs untrained networks vs raw pixels, held out

@@ -1,11 +1,12 @@
-"""`barlow checkpoints ls` (a run's checkpoints as a table) and `barlow export` (a checkpoint's backbone as a
-torchvision state_dict)."""
+"""`barlow checkpoints ls` (a run's checkpoints as a table) and `barlow export` (a run's backbone as a model folder,
+or as one weights file)."""
 
 from __future__ import annotations
 
 import argparse
 
 from service.cli.parser import storage_spec
+from service.errors import UserError
 from service.spec import StorageSpec
 from service.storage.filesystem import require_exists
 
@@ -50,8 +51,20 @@ def format_table(rows: list[tuple[str, ...]]) -> str:
 
 
 def export_command(args: argparse.Namespace, argv: list[str] | None) -> int:
-    from service.checkpoint.export import export_checkpoint
+    from service.checkpoint.export import WEIGHT_SUFFIXES, export_checkpoint
+    from service.export.folder import export_folder, newest_checkpoint
 
-    backbone = export_checkpoint(args.checkpoint, args.out, storage_spec(args))
-    print(f"wrote {args.out}: {len(backbone)} tensors of the backbone, torchvision key names, no fc")
+    storage = storage_spec(args)
+    if args.dest.endswith(WEIGHT_SUFFIXES):  # one file, the form its suffix names
+        if args.formats or args.with_projector:
+            raise UserError(f"{args.dest} names one weights file: --format and --with-projector are for a folder")
+        backbone = export_checkpoint(newest_checkpoint(args.source, storage), args.dest, storage)
+        print(f"wrote {args.dest}: {len(backbone)} tensors of the backbone, torchvision key names, no fc")
+        return 0
+    exported = export_folder(args.source, args.dest, storage, tuple(dict.fromkeys(args.formats or ["safetensors"])),
+                             args.with_projector)
+    difference = exported.onnx_max_difference
+    checked = "" if difference is None else (
+        f"; model.onnx checked in onnxruntime: largest difference from PyTorch {difference:.3g}")
+    print(f"wrote {exported.dest} from {exported.checkpoint}: {', '.join(exported.files)}{checked}")
     return 0

@@ -40,7 +40,7 @@ COMMANDS: dict[str, Handler] = {
 }
 
 # the argument holding the URL a command reads, named in a storage error's message
-URL_ARGUMENTS = {"checkpoints": "run", "export": "checkpoint", "report": "run", "runs": "url", "status": "target"}
+URL_ARGUMENTS = {"checkpoints": "run", "export": "source", "report": "run", "runs": "url", "status": "target"}
 
 
 def _url_argument(args: argparse.Namespace) -> str | None:

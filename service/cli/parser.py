@@ -56,10 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
                          help="read every object and check its size and CRC32 against the manifest (exit 1 if any "
                          "checkpoint fails); without it, sizes only")
     export = with_storage(commands.add_parser(
-        "export", help="Write a checkpoint's backbone as a torchvision state_dict (no fc).",
-        description="Write a checkpoint's backbone as a torchvision state_dict (no fc)."))
-    export.add_argument("checkpoint", help="a checkpoint, e.g. s3://bucket/runs/x/checkpoints/step-000012500")
-    export.add_argument("out", help="where to write the .pth file (path or URL)")
+        "export", help="Write a run's backbone as a model folder: weights, config.json and a model card.",
+        description="Write the backbone of a run's newest valid checkpoint (or of the checkpoint named) as a model "
+        "folder: model.safetensors (torchvision key names, no fc), config.json and README.md (the model card), "
+        "written whole or not at all. A DEST ending in .pth or .safetensors writes that one file instead."))
+    export.add_argument("source", metavar="RUN_OR_CHECKPOINT",
+                        help="a run's output (run.output) or one of its checkpoints, e.g. runs/digits or "
+                        "s3://bucket/runs/x/checkpoints/step-000012500")
+    export.add_argument("dest", metavar="DEST", help="a new folder (path or URL), or a .pth / .safetensors file")
+    export.add_argument("--format", dest="formats", action="append", choices=["safetensors", "pth", "onnx"],
+                        help="safetensors (the default), pth (<backbone>.pth, torch.save as the reference's "
+                        "resnet50.pth) or onnx (model.onnx beside the safetensors weights, checked in onnxruntime; "
+                        "needs the extra [onnx]); repeat for several")
+    export.add_argument("--with-projector", action="store_true",
+                        help="also write the projector's weights (projector.safetensors or projector.pth)")
 
     data = commands.add_parser("data", help="Pack a data set into shards on object storage, list one.")
     data_actions = data.add_subparsers(dest="action", required=True)

@@ -33,7 +33,8 @@ log = logging.getLogger("barlow")
 MAX_STATS_BYTES = 64 * MiB
 MAX_LINE_BYTES = 64 * KiB  # a line is under 1 KiB (a resume's list of changes a few)
 EVENTS = ("start", "checkpoint", "preempted", "end", "diverged")
-COUNTS = ("step", "epoch", "total_steps", "steps_per_epoch", "world_size", "global_batch", "rankme_sample")
+COUNTS = ("step", "epoch", "total_steps", "steps_per_epoch", "world_size", "global_batch", "train_images",
+          "rankme_sample")
 CLOCKS = ("time", "wall", "step_time")  # seconds, added and turned into dates: finite and within MAX_SECONDS
 MEASURES = ("loss", "loss_on_diag", "loss_off_diag", "lr_weights", "lr_biases", "images_per_s",
             "images_per_s_per_worker", "data_wait", "peak_memory_gib", "embedding_std", "correlation_diagonal",

@@ -25,7 +25,8 @@ class BackboneSpec(Section):
     """The network under evaluation."""
 
     weights: Location | None = Field(
-        None, description="An exported backbone (`resnet50.pth`-style, path or URL), a training checkpoint "
+        None, description="An exported backbone (`model.safetensors` or `resnet50.pth`-style, path or URL), a folder "
+        "`barlow export` wrote, a training checkpoint "
         "(…/checkpoints/step-000000123) or a training run's `run.output` (its newest valid checkpoint). Unset: the "
         "architecture randomly initialised, as a baseline."
     )

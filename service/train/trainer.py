@@ -197,7 +197,7 @@ def build(spec: TrainSpec, command: str, worker: distributed.Worker, force: bool
     )
     total_steps = spec.optim.epochs * batches.steps_per_epoch
     step, stats = _restore(spec, command, worker, checkpointer, lease, total_steps)
-    _record_start(spec, worker, checkpointer, stats, step, batches.steps_per_epoch, total_steps)
+    _record_start(spec, worker, checkpointer, stats, step, batches, total_steps)
     guard = NonFiniteGuard(worker.device, first_step=step)
     preemption = Preemption()
     log.info("training %s on %d worker(s), %s, %d steps per epoch, global batch %d; %d loading process(es), "
@@ -259,12 +259,15 @@ def _restore(spec: TrainSpec, command: str, worker: distributed.Worker, checkpoi
 
 
 def _record_start(spec: TrainSpec, worker: distributed.Worker, checkpointer: CheckpointManager,
-                  stats: TrainingStats, step: int, steps_per_epoch: int, total_steps: int) -> None:
-    """The "start" event, and the recipe changes this resume was allowed."""
+                  stats: TrainingStats, step: int, batches: Batches, total_steps: int) -> None:
+    """The "start" event (with the data set's name and size, for the exported model's card), and the recipe
+    changes this resume was allowed."""
     stats.advance(step)
+    steps_per_epoch = batches.steps_per_epoch
     resumed_from = (checkpointer.parent or {}).get("checkpoint") or checkpointer.newest_committed_url()
     stats.event("start", step=step, epoch=step // steps_per_epoch, total_steps=total_steps,
                 steps_per_epoch=steps_per_epoch, world_size=worker.world_size, global_batch=spec.optim.batch_size,
+                dataset=spec.data.dataset, train_images=batches.sampler.dataset_size,
                 resumed_from=resumed_from if step else None, wall=time.time())
     if checkpointer.resumed_changes:
         stats.record(epoch=step // steps_per_epoch, step=step, resumed_with_changes=checkpointer.resumed_changes)

@@ -30,14 +30,15 @@ class _HoldingItsLease(CheckpointManager):
 class Training:
     """A tiny model, its LARS optimizer and a manager, trained a step at a time."""
 
-    def __init__(self, run_url, storage=StorageSpec(), model=MODEL, seed=0, fp16=False, **checkpoint):
+    def __init__(self, run_url, storage=StorageSpec(), model=MODEL, seed=0, fp16=False, image_size=224, **checkpoint):
         torch.manual_seed(seed)
         self.model = BarlowTwins(model)
         self.optimizer = build_lars(self.model, weight_decay=1e-6, momentum=0.9, eta=0.001)
         for group in self.optimizer.param_groups:
             group["lr"] = 0.1
         self.scaler = torch.amp.GradScaler("cpu", enabled=fp16, init_scale=2.0**10)  # fp16: its state is saved
-        spec = TrainSpec.model_validate({"data": {"dataset": "digits"}, "model": model.model_dump(),
+        spec = TrainSpec.model_validate({"data": {"dataset": "digits", "image_size": image_size},
+                                         "model": model.model_dump(),
                                          "run": {"output": run_url}})
         checkpoint_spec = CheckpointSpec(**checkpoint)
         lease = take_lease(run_url, storage, WORKER, None, timeout_s=checkpoint_spec.lease_timeout)

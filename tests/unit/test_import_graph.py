@@ -24,7 +24,7 @@ LAYERS = [  # bottom to top: a unit may import the units of the layers below its
     ["service.evaluation"],
     ["service.train"],
     ["service.reports"],
-    ["service.launch"],
+    ["service.launch", "service.export"],
     ["service.cli", "components"],  # the TorchX components may import all of service but the CLI
     ["service.__main__"],  # `python -m service`: runs the CLI
 ]
