@@ -32,8 +32,11 @@ def rankme(features: torch.Tensor) -> float:
     """RankMe (Garrido et al., "RankMe: Assessing the downstream performance of pretrained self-supervised
     representations by their rank", ICML 2023): exp of the entropy of the features' singular values normalised to
     sum 1, the effective rank of a (samples x dimension) matrix: 1 when every sample has the same direction, up to
-    min(samples, dimension) when the features fill their space. A label-free signal of (dimensional) collapse."""
+    min(samples, dimension) when the features fill their space; 0 when every feature is zero (dead units: no
+    direction at all, where the formula divides by zero). A label-free signal of (dimensional) collapse."""
     singular = torch.linalg.svdvals(features.detach().double())
+    if not singular.sum() > 0:
+        return 0.0
     p = singular / singular.sum() + RANKME_EPSILON
     return float(torch.exp(-(p * p.log()).sum()))
 

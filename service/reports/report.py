@@ -37,8 +37,10 @@ from tensorboard.backend.event_processing.event_accumulator import IMAGES, Event
 
 from service.checkpoint.catalog import CheckpointInfo, list_checkpoints
 from service.errors import SpecError, StorageError
+from service.method.model import BACKBONE_FEATURES
 from service.observe.stats import CORRELATION_TAG
 from service.observe.tensorboard import EVENT_FILES, FOLDER, NEGATIVE, POSITIVE, ZERO
+from service.reports.health import AttemptHealth, judge, rate
 from service.reports.run_log import RunLog, read_run_log
 from service.run.layout import SPEC, under
 from service.spec import MAX_SPEC_BYTES, StorageSpec, safe_yaml
@@ -70,7 +72,8 @@ def write_report(run: str, output: str, storage: StorageSpec) -> str:
     image = _newest_correlation_image(run, storage)
     events = _events(log)
     figures = _figures(log, events, spec_text, image, run)
-    page = _page(run, log, events, spec_text, checkpoints, figures)
+    width, features = _model_shape(spec_text, under(run, SPEC))
+    page = _page(run, log, events, spec_text, checkpoints, figures, judge(log, width, features))
     fs, path = filesystem(output, storage)
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
     if parent:
@@ -264,25 +267,29 @@ def _heatmap(image: tuple[int, bytes], where: str) -> tuple[Figure, dict[str, An
     return figure, data
 
 
-def _projector_width(spec_text: str | None, where: str) -> int | None:
-    """D, the projector's output width, from the spec's model.projector ("8192-8192-8192"); None where the spec
-    has none (an evaluation's), and, with a warning, where the spec is not one."""
+def _model_shape(spec_text: str | None, where: str) -> tuple[int | None, int | None]:
+    """(D, the projector's output width, from the spec's model.projector "8192-8192-8192"; the backbone's feature
+    dimension from model.backbone): None where the spec has none (an evaluation's), and, with a warning, where the
+    spec is not one."""
     if not spec_text:
-        return None
+        return None, None
     try:
         spec = safe_yaml(spec_text, where)
     except SpecError as error:
-        log.warning("%s; the collapse figure is drawn without 1/sqrt(D)", error)
-        return None
+        log.warning("%s; the collapse figure and the health section are drawn without the model's widths", error)
+        return None, None
     model = spec.get("model", {}) if isinstance(spec, dict) else None
-    projector = model.get("projector") if isinstance(model, dict) else ""
+    if not isinstance(model, dict):
+        return None, None
+    projector, backbone = model.get("projector"), model.get("backbone")
+    features = BACKBONE_FEATURES.get(backbone) if isinstance(backbone, str) else None
     if projector is None:
-        return None
+        return None, features
     if not (isinstance(projector, str) and re.fullmatch(r"[1-9][0-9]{0,6}(-[1-9][0-9]{0,6})*", projector)):
         log.warning("%s: not a spec with a model.projector of widths; the collapse figure is drawn without "
                     "1/sqrt(D)", where)
-        return None
-    return int(projector.rsplit("-", 1)[-1])
+        return None, features
+    return int(projector.rsplit("-", 1)[-1]), features
 
 
 def _figures(log: RunLog, events: list[dict[str, Any]], spec_text: str | None,
@@ -292,7 +299,7 @@ def _figures(log: RunLog, events: list[dict[str, Any]], spec_text: str | None,
     series = {field: _series(log.steps, field) for field in (
         "loss", "loss_on_diag", "loss_off_diag", "lr_weights", "lr_biases", "images_per_s", "data_wait",
         "peak_memory_gib", "embedding_std", "step_time")}
-    width = _projector_width(spec_text, under(run, SPEC))
+    width, _ = _model_shape(spec_text, under(run, SPEC))
     plots: list[tuple[str, str, Figure, dict[str, Any]]] = []
 
     def curve(name: str, title: str, fields: list[str], ylabel: str, **options) -> None:
@@ -337,14 +344,15 @@ def _progress(log: RunLog) -> str:
 
 
 def _page(run: str, log: RunLog, events: list[dict[str, Any]], spec_text: str | None,
-          checkpoints: list[CheckpointInfo], figures: list[dict[str, Any]]) -> str:
+          checkpoints: list[CheckpointInfo], figures: list[dict[str, Any]], health: list[AttemptHealth]) -> str:
     newest = checkpoints[-1] if checkpoints else None
     ended = bool(log.events) and log.events[-1]["event"] == "end"
     knn = log.knn[-1]["knn_top1"] if log.knn else None
+    verdict = f"{health[-1].verdict} ({health[-1].reason})" if health else "no attempt yet"
     facts = [
-        ("run", run), ("progress", _progress(log)),
         ("state", "finished" if ended else f"not finished (last event: {log.events[-1]['event']})"
          if log.events else "no event yet"),
+        ("steps", _progress(log)), ("rate", rate(log)), ("verdict", verdict), ("run", run),
         ("kNN top-1", f"{knn:.2f} %" if knn is not None else "-"),
         ("newest checkpoint", f"{newest.url} ({(newest.manifest or {}).get('created', '-')})" if newest else "none"),
         ("attempts", f"{len(log.starts)} (world sizes {', '.join(str(s.get('world_size')) for s in log.starts)})"),
@@ -352,8 +360,8 @@ def _page(run: str, log: RunLog, events: list[dict[str, Any]], spec_text: str | 
     ]
     rows = "".join(f"<tr><th>{html.escape(key)}</th><td>{html.escape(str(value))}</td></tr>" for key, value in facts)
     event_rows = "".join(
-        f"<tr><td>{html.escape(_utc(event['wall']))}</td><td>{html.escape(event['kind'])}</td>"
-        f"<td>{event['step']}</td><td>{html.escape(event['label'])}</td></tr>" for event in events)
+        f"<tr><td>{html.escape(time)}</td><td>{html.escape(kind)}</td><td>{html.escape(steps)}</td>"
+        f"<td>{html.escape(label)}</td></tr>" for time, kind, steps, label in _event_rows(events))
     sections = "".join(
         f'<figure id="fig-{figure["name"]}"><figcaption>{html.escape(figure["title"])}</figcaption>{figure["svg"]}'
         f'<script type="application/json" class="figure-data" data-figure="{figure["name"]}">'
@@ -369,9 +377,12 @@ table {{ border-collapse: collapse; margin-bottom: 1.5em; }} th, td {{ text-alig
 tbody tr:nth-child(odd) {{ background: #f4f4f4; }} figure {{ margin: 1.5em 0; }}
 figcaption {{ font-weight: bold; }} svg {{ max-width: 100%; height: auto; }}
 pre {{ background: #f4f4f4; padding: 1em; overflow-x: auto; }}
+.verdict {{ font-weight: bold; }} .healthy {{ color: #1a7f37; }} .watch, .no-signal-yet {{ color: #9a6700; }}
+.dimensional-collapse, .complete-collapse, .diverged {{ color: #cf222e; }}
 </style></head><body>
 <h1>Barlow Twins run</h1>
 <table id="summary">{rows}</table>
+{_health_section(health)}
 {sections}
 <h2>Events</h2>
 <table id="events"><thead><tr><th>time</th><th>event</th><th>step</th><th></th></tr></thead>
@@ -380,6 +391,61 @@ pre {{ background: #f4f4f4; padding: 1em; overflow-x: auto; }}
 <pre id="spec">{spec}</pre>
 </body></html>
 """
+
+
+def _css_class(verdict: str) -> str:
+    return verdict.replace(" ", "-")
+
+
+def _health_section(health: list[AttemptHealth]) -> str:
+    """Each attempt's verdict and its signals against what a healthy and a collapsing run show (health.py)."""
+    parts = ['<section id="health"><h2>Health</h2><p>Label-free signals of collapse, from each attempt\'s last '
+             "logged step and last kNN monitor pass. Complete collapse: every input near one point; dimensional "
+             "collapse: the features fill only a few of their dimensions.</p>"]
+    for attempt in health:
+        steps = f"steps {attempt.steps[0]}-{attempt.steps[1]}" if attempt.steps else "no logged step"
+        workers = "" if attempt.world_size is None else (
+            f", {attempt.world_size} worker{'s' if attempt.world_size != 1 else ''}")
+        parts.append(
+            f'<h3 class="attempt">attempt {attempt.number} ({steps}{workers}): <span class="verdict '
+            f'{_css_class(attempt.verdict)}">{html.escape(attempt.verdict)}</span></h3>'
+            f"<p>{html.escape(attempt.reason)}</p>"
+            "<table class=\"signals\"><thead><tr><th>signal</th><th>this attempt</th><th>healthy</th>"
+            "<th>collapsing</th><th>judged</th></tr></thead><tbody>" + "".join(
+                f"<tr><td>{html.escape(signal.name)}</td><td>{html.escape(signal.value)}</td>"
+                f"<td>{html.escape(signal.healthy)}</td><td>{html.escape(signal.collapsing)}</td>"
+                f'<td class="{_css_class(signal.state)}">{html.escape(signal.state or "shown, not judged")}</td></tr>'
+                for signal in attempt.signals) + "</tbody></table>")
+    data = [{"attempt": a.number, "verdict": a.verdict, "reason": a.reason, "steps": a.steps,
+             "world_size": a.world_size, "signals": [vars(signal) for signal in a.signals]} for a in health]
+    parts.append(f'<script type="application/json" id="health-data">{_json_for_script(data)}</script></section>')
+    return "".join(parts)
+
+
+def _event_rows(events: list[dict[str, Any]]) -> list[tuple[str, str, str, str]]:
+    """(time, event, step, label) rows, each run of consecutive checkpoint saves folded into one row with its count:
+    they are routine, and most of a long run's events."""
+    rows: list[tuple[str, str, str, str]] = []
+    saves: list[dict[str, Any]] = []
+
+    def fold() -> None:
+        if len(saves) == 1:
+            rows.append((_utc(saves[0]["wall"]), "checkpoint", str(saves[0]["step"]), saves[0]["label"]))
+        elif saves:
+            first, last = saves[0], saves[-1]
+            rows.append((f"{_utc(first['wall'])} - {_utc(last['wall'])}", f"checkpoint x {len(saves)}",
+                         f"{first['step']}-{last['step']}", f"{len(saves)} checkpoints saved, steps "
+                         + ", ".join(str(save["step"]) for save in saves[:20]) + (", ..." if len(saves) > 20 else "")))
+        saves.clear()
+
+    for event in events:
+        if event["kind"] == "checkpoint":
+            saves.append(event)
+            continue
+        fold()
+        rows.append((_utc(event["wall"]), event["kind"], str(event["step"]), event["label"]))
+    fold()
+    return rows
 
 
 def _json_for_script(data: Any) -> str:

@@ -3,6 +3,7 @@ threads) on S3, then evaluated from its export and straight from its S3 checkpoi
 compared with the same network untrained and with raw pixels."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from service.evaluation.compare import (
     PROBES,
     strongest_untrained,
 )
+from service.reports.health import HEALTHY
 from service.spec import StorageSpec
 from service.storage.filesystem import filesystem
 from tests.support.runs import DIGITS, overrides, run_barlow, stats_records
@@ -61,9 +63,19 @@ def test_the_knn_monitor_logs_during_pretraining(pretrained, aws_env):
 
 
 def test_export_and_s3_checkpoint_evaluate_alike_over_one_and_two_processes(pretrained, s3_server, tmp_path):
+    """`barlow export` of the run (its model folder, model.safetensors) and the run's newest checkpoint on S3 give
+    the same kNN accuracy, over one process and two; so do the linear probes, up to float summation order."""
     run_url, _ = pretrained
     endpoint = s3_server.endpoint_url
-    exported = evaluate(f"{run_url}/resnet18.pth", tmp_path / "export", endpoint, "eval.mode=knn")
+    folder = tmp_path / "model"
+    printed = barlow("export", run_url, str(folder), "--endpoint-url", endpoint)
+    assert f"wrote {folder} from {run_url}/checkpoints/step-000000240: model.safetensors, config.json, README.md" \
+        in printed
+    config = json.loads((folder / "config.json").read_text())["barlow_twins"]
+    assert config["checkpoint"]["step"] == 240 and config["data"] == {"dataset": "digits", "train_images": 1078,
+                                                                       "image_size": 16}
+    assert config["knn_monitor"]["epoch"] == 29 and "after epoch 30" in (folder / "README.md").read_text()
+    exported = evaluate(str(folder), tmp_path / "export", endpoint, "eval.mode=knn")
     from_checkpoint = evaluate(run_url, tmp_path / "checkpoint", endpoint, "eval.mode=knn")
     two_processes = evaluate(run_url, tmp_path / "two", endpoint, "eval.mode=knn", torchrun=2)
     assert exported["acc1"] == from_checkpoint["acc1"] == two_processes["acc1"]
@@ -74,6 +86,19 @@ def test_export_and_s3_checkpoint_evaluate_alike_over_one_and_two_processes(pret
     # the same global batches and averaged gradients: the two runs differ only by float summation order
     assert abs(one["acc1"] - two["acc1"]) <= 0.5, (one, two)
     assert one["acc1"] > 40  # 10 classes: far above chance after 2 epochs (10 epochs reach ~92)
+
+
+def test_the_demo_is_judged_healthy(pretrained, tmp_path):
+    run_url, storage = pretrained
+    page = tmp_path / "report.html"
+    barlow("report", run_url, "-o", str(page), "--endpoint-url", storage.endpoint_url)
+    text = page.read_text()
+    health = json.loads(re.search(r'<script type="application/json" id="health-data">(.*?)</script>', text)[1])
+    assert [attempt["verdict"] for attempt in health] == [HEALTHY], health
+    assert [signal["state"] for signal in health[0]["signals"][:2]] == [HEALTHY, HEALTHY]
+    assert "<th>verdict</th><td>healthy (" in text
+    # the saves at epochs 10, 20 and 30 fold into one row of the events (keep_last 2 deletes one, not its event)
+    assert "<td>checkpoint x 3</td><td>80-240</td>" in text
 
 
 def test_pretraining_beats_the_untrained_network_and_raw_pixels(pretrained):

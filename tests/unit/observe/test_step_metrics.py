@@ -98,6 +98,7 @@ def test_rankme_is_the_papers_effective_rank_and_tells_full_from_dimensional_and
     assert ranks["collapsed"] < 1.1  # every sample in one direction
     few = rankme(torch.from_numpy(spread[:16]).float())
     assert few <= 16 + 0.01  # never more than the sample: the reason its size is logged
+    assert rankme(torch.zeros(100, 64)) == 0.0  # dead features: no direction (the formula would divide by 0)
 
 
 def test_the_correlation_magnitudes_are_the_mean_absolute_diagonal_and_off_diagonal():
