@@ -52,14 +52,15 @@ class AttemptHealth:
 
 def _attempts(log: RunLog) -> list[tuple[dict[str, Any], list[dict], list[dict]]]:
     """(start event, logged steps, kNN lines) of each attempt, a line belonging to the start it was written after."""
-    by_start = {id(start): (start, [], []) for start in log.starts}
-    walls = {start.get("wall"): id(start) for start in log.starts}
-    for kind, lines in ((1, log.steps), (2, log.knn)):
-        for line in lines:
-            key = walls.get(line.get("_start"))
-            if key is not None:
-                by_start[key][kind].append(line)
-    return list(by_start.values())
+    attempts: list[tuple[dict[str, Any], list[dict], list[dict]]] = [(start, [], []) for start in log.starts]
+    by_wall = {start.get("wall"): attempt for start, *attempt in attempts}
+    for line in log.steps:
+        if (attempt := by_wall.get(line.get("_start"))) is not None:
+            attempt[0].append(line)
+    for line in log.knn:
+        if (attempt := by_wall.get(line.get("_start"))) is not None:
+            attempt[1].append(line)
+    return attempts
 
 
 def _diverged(log: RunLog, start: dict[str, Any]) -> bool:
