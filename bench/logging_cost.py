@@ -1,7 +1,8 @@
 """What a logged step costs: the trainer's step unlogged, against the same step logged as the reference logs it
 (the loss read, a stats.txt line), as this service logs it (the loss's terms, collapse signal, throughput, data
-wait and memory read with one transfer, a stats.txt line and TensorBoard scalars), and with the cross-correlation
-image too, in one run.
+wait and memory read with one transfer, a stats.txt line and TensorBoard scalars), with the cross-correlation
+image too, and, as a run without the kNN monitor logs, with RankMe of the step's batch (its features' Gram matrix
+in the same transfer, its eigenvalues on the host), in one run.
 
     .venv/bin/python bench/logging_cost.py                        # ResNet-18 (CIFAR stem), 32 px, batch 64
     .venv/bin/python bench/logging_cost.py --batch 8 --steps 2    # CI size
@@ -79,9 +80,9 @@ def main() -> None:
             loss = training_step(model, optimizer, scaler, precision, loss_spec, y1, y2, args.batch, guard).loss
             reference_stats.log(epoch=0, step=step, lr_weights=0.01, lr_biases=0.01, loss=loss.item())
 
-        def ours(y1, y2, step, image=False):
+        def ours(y1, y2, step, image=False, rank=False):
             output = training_step(model, optimizer, scaler, precision, loss_spec, y1, y2, args.batch, guard,
-                                   observe=True)
+                                   observe=True, rank=rank)
             clock.step_done()
             measured = read_logged_step(output, clock, worker, args.batch)
             our_stats.log(epoch=0, step=step, lr_weights=0.01, lr_biases=0.01, loss=measured.pop("loss"), **measured)
@@ -91,7 +92,8 @@ def main() -> None:
 
         rows = (("unlogged step", unlogged), ("logged as the reference (loss, stats.txt)", reference),
                 ("logged as here (all fields, TensorBoard)", ours),
-                ("+ the cross-correlation image", lambda y1, y2, step: ours(y1, y2, step, image=True)))
+                ("+ the cross-correlation image", lambda y1, y2, step: ours(y1, y2, step, image=True)),
+                ("as here, monitor off: + RankMe of the batch", lambda y1, y2, step: ours(y1, y2, step, rank=True)))
         # rounds interleave the rows, so that a machine's drift reaches each of them alike
         times: dict[str, list[float]] = {name: [] for name, _ in rows}
         for step, (y1, y2) in enumerate(inputs):

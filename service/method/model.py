@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torchvision
 from torch import nn
@@ -35,8 +37,15 @@ def build_projector(in_features: int, sizes: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class Embeddings(NamedTuple):
+    z1: torch.Tensor  # the first view's projector embeddings
+    z2: torch.Tensor
+    features: torch.Tensor  # the first view's backbone features, detached: the sample of the rank signal (RankMe)
+
+
 class BarlowTwins(nn.Module):
-    """Returns the projector embeddings (z1, z2) of the two views.
+    """Returns the projector embeddings (z1, z2) of the two views, and the first view's backbone features (which
+    the projector's backward keeps anyway: returning them costs nothing).
 
     The views go through the network one after the other, as in the reference, so every BatchNorm normalises
     each view with its own statistics.
@@ -47,5 +56,6 @@ class BarlowTwins(nn.Module):
         self.backbone = build_backbone(spec.backbone, spec.stem)
         self.projector = build_projector(BACKBONE_FEATURES[spec.backbone], spec.projector_sizes)
 
-    def forward(self, y1: torch.Tensor, y2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.projector(self.backbone(y1)), self.projector(self.backbone(y2))
+    def forward(self, y1: torch.Tensor, y2: torch.Tensor) -> Embeddings:
+        features = self.backbone(y1)
+        return Embeddings(self.projector(features), self.projector(self.backbone(y2)), features.detach())

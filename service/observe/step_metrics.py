@@ -26,6 +26,9 @@ CORRELATION_IMAGE_SIZE = 64
 # cannot exceed the sample's size (nor the feature dimension): compare runs at the same sample, of one method.
 RANKME_SAMPLE = 25_600
 RANKME_EPSILON = 1e-7  # the paper's epsilon, added to each normalised singular value before the entropy
+# With the kNN monitor off, RankMe is taken at logged steps of the step's own batch (the first view's features), at
+# most this many rows: their Gram matrix (rows x rows, float64) travels with the step's other measurements
+RANKME_STEP_ROWS = 512
 
 
 def rankme(features: torch.Tensor) -> float:
@@ -34,7 +37,23 @@ def rankme(features: torch.Tensor) -> float:
     sum 1, the effective rank of a (samples x dimension) matrix: 1 when every sample has the same direction, up to
     min(samples, dimension) when the features fill their space; 0 when every feature is zero (dead units: no
     direction at all, where the formula divides by zero). A label-free signal of (dimensional) collapse."""
-    singular = torch.linalg.svdvals(features.detach().double())
+    return _effective_rank(torch.linalg.svdvals(features.detach().double()))
+
+
+def feature_gram(features: torch.Tensor, rows: int = RANKME_STEP_ROWS) -> torch.Tensor:
+    """The Gram matrix of the first `rows` features, in float64, on their device (no sync): F F^T or F^T F, the
+    smaller, whose min(rows, dimension) eigenvalues are the squared singular values of F (rankme_of_gram)."""
+    sample = features.detach()[:rows].double()
+    return sample @ sample.T if sample.shape[0] <= sample.shape[1] else sample.T @ sample
+
+
+def rankme_of_gram(gram: torch.Tensor) -> float:
+    """RankMe of the features whose Gram matrix F F^T this is (on the host): their singular values are the square
+    roots of its eigenvalues."""
+    return _effective_rank(torch.linalg.eigvalsh(gram.double()).clamp(min=0).sqrt())
+
+
+def _effective_rank(singular: torch.Tensor) -> float:
     if not singular.sum() > 0:
         return 0.0
     p = singular / singular.sum() + RANKME_EPSILON

@@ -74,7 +74,8 @@ def judge(log: RunLog, projector_width: int | None, feature_dim: int | None) -> 
         last = steps[-1] if steps else {}
         monitor = knn[-1] if knn else {}
         spread, spread_state = _spread(last.get("embedding_std"), projector_width)
-        rank, rank_state = _rank(monitor.get("rankme"), monitor.get("rankme_sample"), feature_dim)
+        ranked = monitor if "rankme" in monitor else last  # the monitor's sample, else a logged step's batch
+        rank, rank_state = _rank(ranked.get("rankme"), ranked.get("rankme_sample"), feature_dim)
         signals = [spread, rank, *_correlation(last)]
         if _diverged(log, start):
             verdict, reason = DIVERGED, "the loss or the gradients stopped being finite (see the events)"
@@ -89,7 +90,7 @@ def judge(log: RunLog, projector_width: int | None, feature_dim: int | None) -> 
         elif spread_state == HEALTHY:
             verdict = HEALTHY
             reason = "spread and effective rank as a healthy run's" if rank_state == HEALTHY else (
-                "spread as a healthy run's (no RankMe: the kNN monitor is off or has not run)")
+                "spread as a healthy run's (no RankMe yet)")
         else:
             verdict, reason = NO_SIGNAL, "no logged step with the collapse signal yet"
         judged.append(AttemptHealth(number, start.get("world_size"),
@@ -125,7 +126,8 @@ def _rank(value: Any, sample: Any, feature_dim: int | None) -> tuple[Signal, str
         elif bound:
             share = value / bound
             state = DIMENSIONAL if share < DIMENSIONAL_RANK else WATCH if share < WATCH_RANK else HEALTHY
-    signal = Signal("RankMe (effective rank of the kNN monitor's features)", shown,
+    signal = Signal("RankMe (effective rank of the backbone's features: the kNN monitor's, else a logged batch's)",
+                    shown,
                     f"a sizeable share of min(feature dimension, sample): above {WATCH_RANK:.0%}",
                     f"far below it: dimensional collapse under {DIMENSIONAL_RANK:.0%}, complete at 1", state)
     return signal, state

@@ -312,7 +312,8 @@ def _step(run: Training, clock: StepClock, epoch: int, y1: torch.Tensor, y2: tor
     lr_weights, lr_biases = run.schedule.apply(run.optimizer, run.step)
     logged = run.step % spec.run.log_every == 0
     output = training_step(run.trained, run.optimizer, run.scaler, run.precision, spec.loss, y1, y2,
-                           spec.optim.batch_size, run.guard, observe=logged)
+                           spec.optim.batch_size, run.guard, observe=logged,
+                           rank=logged and spec.monitor.knn_every_epochs is None)  # else the monitor gives RankMe
     clock.step_done()
     if logged:
         _log_step(run, clock, epoch, output, lr_weights, lr_biases)

@@ -94,5 +94,6 @@ def test_logging_cost_benchmark_reports_every_row():
     result = run("logging_cost.py", "--batch", "4", "--size", "8", "--steps", "1", "--threads", "1")
     rows = table(result.stdout, "step")
     assert list(rows) == ["unlogged step", "logged as the reference (loss, stats.txt)",
-                          "logged as here (all fields, TensorBoard)", "+ the cross-correlation image"]
+                          "logged as here (all fields, TensorBoard)", "+ the cross-correlation image",
+                          "as here, monitor off: + RankMe of the batch"]
     assert float(rows["unlogged step"][1]) == 1.0 and all(float(row[0]) > 0 for row in rows.values())

@@ -37,11 +37,20 @@ def test_a_tiny_run_logs_every_field_consistent_with_its_times(tiny_run, aws_env
         assert 0 < line["correlation_diagonal"] <= 1 and 0 < line["correlation_off_diagonal"] <= 1
         # sum_i (1 - C_ii)^2 >= D (1 - mean|C_ii|)^2 (Jensen, |C_ii| >= C_ii): the logged term bounds the mean
         assert line["loss_on_diag"] >= 64 * (1 - line["correlation_diagonal"]) ** 2 * (1 - 1e-5)
+        assert "rankme" not in line  # the kNN monitor is on: its pass gives RankMe
     # the step times account for the attempt's wall time (checkpoints and uploads between steps included; the kNN
     # monitor comes after the last): they add up to the last line's `time` (whole seconds since the start, which
     # also holds the set-up before the first step)
     total = sum(line["step_time"] for line in steps)
     assert steps[-1]["time"] - 3 <= total <= steps[-1]["time"] + 1
+
+
+def test_with_the_monitor_off_each_logged_step_gives_rankme_of_its_batch(local_run):
+    """The shared local run (1 worker, batch 64, the monitor off): RankMe of the step's first-view features, at
+    most the 64 rows of the batch (ResNet-18's 512 dimensions are not the bound here)."""
+    steps = logged_steps(local_run.records())
+    assert [line["step"] for line in steps] == list(range(16))
+    assert all(line["rankme_sample"] == 64 and 1 < line["rankme"] <= 64 for line in steps), steps
 
 
 def read_events(fs, url_path: str, folder: Path):

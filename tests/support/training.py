@@ -50,7 +50,8 @@ class Training:
 
     def step(self, seed: int) -> None:
         generator = torch.Generator().manual_seed(seed)
-        z1, z2 = self.model(torch.randn(4, 3, 8, 8, generator=generator), torch.randn(4, 3, 8, 8, generator=generator))
+        z1, z2, _ = self.model(torch.randn(4, 3, 8, 8, generator=generator),
+                               torch.randn(4, 3, 8, 8, generator=generator))
         self.optimizer.zero_grad()
         self.scaler.scale((z1 - z2).square().mean()).backward()
         self.scaler.step(self.optimizer)

@@ -36,5 +36,7 @@ def test_cifar_stem_keeps_small_images_resolution():
 
 def test_model_returns_one_embedding_per_view():
     model = BarlowTwins(ModelSpec(backbone="resnet18", stem="cifar", projector="64-32"))
-    z1, z2 = model(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))
+    y1 = torch.randn(4, 3, 16, 16)
+    z1, z2, features = model(y1, torch.randn(4, 3, 16, 16))
     assert z1.shape == z2.shape == (4, 32) and not torch.equal(z1, z2)
+    assert torch.equal(features, model.backbone(y1)) and not features.requires_grad  # the rank signal's sample

@@ -319,7 +319,7 @@ def test_multi_tensor_lars_equals_the_per_parameter_lars_over_several_steps():
             for group, lr in zip(optimizer.param_groups, (0.2, 0.0048)):
                 group["lr"] = lr
             optimizer.zero_grad()
-            z1, z2 = model(y1, y2)
+            z1, z2, _ = model(y1, y2)
             (z1 - z2).pow(2).sum().backward()
             model.projector[-1].weight.grad = None if step == 2 else model.projector[-1].weight.grad  # skipped
             optimizer.step()
@@ -345,7 +345,8 @@ def test_a_step_not_applied_leaves_parameters_and_momentum_exactly_unchanged(for
             for group, lr in zip(optimizer.param_groups, (0.2, 0.0048)):
                 group["lr"] = lr
             optimizer.zero_grad()
-            z1, z2 = model(torch.randn(8, 3, 8, 8, generator=generator), torch.randn(8, 3, 8, 8, generator=generator))
+            z1, z2, _ = model(torch.randn(8, 3, 8, 8, generator=generator),
+                              torch.randn(8, 3, 8, 8, generator=generator))
             (z1 - z2).pow(2).sum().backward()
             if apply is False:  # a diverged step: its gradients are garbage
                 for p in model.parameters():

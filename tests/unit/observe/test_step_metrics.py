@@ -17,8 +17,10 @@ from service.observe.step_metrics import (
     correlation_magnitudes,
     decimated,
     embedding_std,
+    feature_gram,
     peak_memory_gib,
     rankme,
+    rankme_of_gram,
 )
 from service.observe.tensorboard import correlation_colors
 
@@ -99,6 +101,19 @@ def test_rankme_is_the_papers_effective_rank_and_tells_full_from_dimensional_and
     few = rankme(torch.from_numpy(spread[:16]).float())
     assert few <= 16 + 0.01  # never more than the sample: the reason its size is logged
     assert rankme(torch.zeros(100, 64)) == 0.0  # dead features: no direction (the formula would divide by 0)
+
+
+def test_rankme_of_the_gram_matrix_is_rankme_of_the_features_it_came_from():
+    """The logged steps' form (the monitor off): F F^T travels, its eigenvalues are the squared singular values."""
+    generator = np.random.default_rng(1)
+    for features in (generator.standard_normal((300, 64)),
+                     generator.standard_normal((300, 6)) @ generator.standard_normal((6, 64))):
+        for rows in (200, 40):  # more rows than dimensions (F^T F), and fewer (F F^T)
+            gram = feature_gram(torch.from_numpy(features).float(), rows=rows)
+            assert gram.shape == (min(rows, 64),) * 2 and gram.dtype == torch.float64  # at most `rows` rows
+            by_hand = rankme_by_hand(features[:rows].astype(np.float32).astype(np.float64))
+            assert rankme_of_gram(gram) == pytest.approx(by_hand, rel=1e-6), rows
+    assert rankme_of_gram(torch.zeros(10, 10)) == 0.0
 
 
 def test_the_correlation_magnitudes_are_the_mean_absolute_diagonal_and_off_diagonal():

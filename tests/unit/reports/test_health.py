@@ -60,6 +60,12 @@ def test_an_attempt_is_judged_from_its_last_signals(spread, rank, expected):
     assert verdicts(start(0, WALL), early, logged(15, spread), knn(16, rank)) == [expected]
 
 
+def test_with_the_monitor_off_the_last_logged_steps_rankme_is_judged():
+    collapsed = {**logged(15, 0.8), "rankme": 0.01 * 256, "rankme_sample": 256}  # 1 % of the step's batch of 256
+    assert verdicts(start(0, WALL), collapsed) == [DIMENSIONAL]
+    assert verdicts(start(0, WALL), {**collapsed, "rankme": 0.3 * 256}) == [HEALTHY]
+
+
 def test_the_thresholds_sit_where_the_module_says():
     assert verdicts(start(0, WALL), logged(15, 0.099), knn(16, 0.24)) == [COMPLETE]
     assert verdicts(start(0, WALL), logged(15, 0.101), knn(16, 0.24)) == [HEALTHY]

@@ -12,7 +12,7 @@ from service.method.model import BarlowTwins
 from service.method.optim import build_lars
 from service.runtime.precision import Precision
 from service.spec import LossSpec, ModelSpec
-from service.train.step import training_step
+from service.train.step import read_logged_step, training_step
 
 
 def tiny_model_and_lars(device: str = "cpu") -> tuple[BarlowTwins, torch.optim.Optimizer]:
@@ -76,7 +76,7 @@ def test_the_guarded_step_never_waits_for_the_device(precision_name):
     try:
         for _ in range(2):
             training_step(model, optimizer, scaler, precision, LossSpec(), y1, y2, 8, guard)
-            training_step(model, optimizer, scaler, precision, LossSpec(), y1, y2, 8, guard, observe=True)
+            training_step(model, optimizer, scaler, precision, LossSpec(), y1, y2, 8, guard, observe=True, rank=True)
         with pytest.raises(RuntimeError):  # reading the flag is the one wait, at logged steps and saves
             guard.first_bad_step()
     finally:
@@ -111,3 +111,22 @@ def test_the_loss_terms_are_the_papers_two_sums_and_add_up_to_the_loss():
     assert output.on_diag.item() == pytest.approx(0.5 * ((1 - c.diagonal()) ** 2).sum().item(), rel=1e-5)
     assert output.off_diag.item() == pytest.approx(
         0.5 * 0.01 * ((c ** 2).sum() - (c.diagonal() ** 2).sum()).item(), rel=1e-5)
+
+
+def test_with_the_monitor_off_a_logged_step_gives_rankme_of_its_batch_in_the_same_transfer():
+    from service.observe.step_metrics import StepClock
+    from tests.support.training import WORKER
+    from tests.unit.observe.test_step_metrics import rankme_by_hand
+
+    model, optimizer = tiny_model_and_lars()
+    precision = Precision.choose("fp32", torch.device("cpu"))
+    y1, y2 = torch.randn(24, 3, 8, 8), torch.randn(24, 3, 8, 8)
+    with torch.no_grad():
+        features = model.backbone(y1).numpy()  # train mode, as in the step: the batch's own statistics
+    output = training_step(model, optimizer, precision.grad_scaler(), precision, LossSpec(), y1, y2,
+                           observe=True, rank=True)
+    measured = read_logged_step(output, StepClock(), WORKER, 24)
+    assert measured["rankme_sample"] == 24
+    assert measured["rankme"] == pytest.approx(rankme_by_hand(features), rel=1e-6)
+    plain = training_step(model, optimizer, precision.grad_scaler(), precision, LossSpec(), y1, y2, observe=True)
+    assert "rankme" not in read_logged_step(plain, StepClock(), WORKER, 24)  # the monitor gives it otherwise
