@@ -71,8 +71,8 @@ def write_report(run: str, output: str, storage: StorageSpec) -> str:
     checkpoints = [c for c in list_checkpoints(run, storage) if c.valid]
     image = _newest_correlation_image(run, storage)
     events = _events(log)
-    figures = _figures(log, events, spec_text, image, run)
     width, features = _model_shape(spec_text, under(run, SPEC))
+    figures = _figures(log, events, width, image, run)
     page = _page(run, log, events, spec_text, checkpoints, figures, judge(log, width, features))
     fs, path = filesystem(output, storage)
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
@@ -279,9 +279,8 @@ def _model_shape(spec_text: str | None, where: str) -> tuple[int | None, int | N
         log.warning("%s; the collapse figure and the health section are drawn without the model's widths", error)
         return None, None
     model = spec.get("model", {}) if isinstance(spec, dict) else None
-    if not isinstance(model, dict):
-        return None, None
-    projector, backbone = model.get("projector"), model.get("backbone")
+    projector = model.get("projector") if isinstance(model, dict) else ""  # no mapping: warned of below
+    backbone = model.get("backbone") if isinstance(model, dict) else None
     features = BACKBONE_FEATURES.get(backbone) if isinstance(backbone, str) else None
     if projector is None:
         return None, features
@@ -292,14 +291,13 @@ def _model_shape(spec_text: str | None, where: str) -> tuple[int | None, int | N
     return int(projector.rsplit("-", 1)[-1]), features
 
 
-def _figures(log: RunLog, events: list[dict[str, Any]], spec_text: str | None,
+def _figures(log: RunLog, events: list[dict[str, Any]], width: int | None,
              image: tuple[int, bytes] | None, run: str) -> list[dict[str, Any]]:
     """(name, title, svg, data) of every figure, in the page's order."""
     step_events = [event for event in events if event["kind"] != "end"]
     series = {field: _series(log.steps, field) for field in (
         "loss", "loss_on_diag", "loss_off_diag", "lr_weights", "lr_biases", "images_per_s", "data_wait",
         "peak_memory_gib", "embedding_std", "step_time")}
-    width, _ = _model_shape(spec_text, under(run, SPEC))
     plots: list[tuple[str, str, Figure, dict[str, Any]]] = []
 
     def curve(name: str, title: str, fields: list[str], ylabel: str, **options) -> None:
