@@ -151,14 +151,11 @@ def test_no_checkpoint_that_verifies_is_an_error_that_deletes_nothing(local_run,
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
 
 
-@pytest.mark.parametrize("where", ["file", "s3"])
-def test_a_diverging_run_stops_at_the_named_step_and_commits_nothing_non_finite(where, request, tmp_path):
-    """Trains its own runs: the one that diverges, and its resume with a sane learning rate."""
-    if where == "s3":
-        endpoint = request.getfixturevalue("s3_server").endpoint_url
-        url = request.getfixturevalue("s3_bucket") + "/run"
-    else:
-        url, endpoint = str(tmp_path / "run"), None
+def test_a_diverging_run_stops_at_the_named_step_and_commits_nothing_non_finite(s3_server, s3_bucket):
+    """Trains its own runs: the one that diverges, and its resume with a sane learning rate. On S3 only: the guard
+    decides before anything is written, and a local folder's commits and resumes are the other tests' (the file
+    variant, 21 s of CI, found nothing this one does not)."""
+    endpoint, url = s3_server.endpoint_url, s3_bucket + "/run"
     storage = StorageSpec(endpoint_url=endpoint)
     diverging = ["optim.lr_weights=1e6", "optim.lr_biases=1e6", "optim.warmup_epochs=0", "checkpoint.every_steps=2",
                  "run.log_every=100"]
