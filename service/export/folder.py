@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from service.checkpoint.catalog import list_checkpoints
 from service.checkpoint.export import SAFETENSORS, backbone_state_dict, checkpoint_model, weights_bytes
 from service.errors import CheckpointError, StorageError
 from service.export.card import Evaluation, ModelFacts, model_card, model_config
-from service.export.onnx_model import ONNX_NAME, export_onnx  # its optional packages are imported when asked for
+from service.export.onnx_model import ONNX_NAME, export_onnx, require_onnx  # optional packages: imported when asked
 from service.reports.run_log import read_run_log
 from service.run import layout
 from service.spec import MAX_SPEC_BYTES, StorageSpec, TrainSpec, safe_yaml, spec_digest, spec_to_yaml
@@ -67,10 +68,17 @@ def export_folder(source: str, dest: str, storage: StorageSpec, formats: tuple[s
                   with_projector: bool = False) -> ExportedFolder:
     """Write the model folder of `source` (a run or a checkpoint) to `dest` (see the module's docstring)."""
     dest = dest.rstrip("/")
+    if "onnx" in formats:
+        require_onnx()  # a missing optional package is said before anything is read
     _require_empty(dest, storage)
     checkpoint = newest_checkpoint(source, storage)
     model, manifest = checkpoint_model(checkpoint, storage)
-    spec = TrainSpec.model_validate(manifest["spec"])
+    try:
+        spec = TrainSpec.model_validate(manifest["spec"])
+    except ValidationError as error:  # a manifest from storage: another version's, or planted
+        raise CheckpointError(f"{checkpoint}: its manifest's spec is not a training spec this version reads "
+                              f"({error.error_count()} problem(s), the first at "
+                              f"{'.'.join(map(str, error.errors()[0]['loc']))})") from None
     run = checkpoint.rsplit(f"/{layout.CHECKPOINTS}/", 1)[0]
     facts = _facts(spec, checkpoint, manifest, run, storage, with_projector)
     files: dict[str, bytes] = {}

@@ -41,7 +41,8 @@ class OnnxModel:
     scale: float  # the largest |PyTorch| over the same inputs, what the difference is relative to
 
 
-def _modules():
+def require_onnx():
+    """onnxruntime, once the optional packages are known to be installed; OnnxUnavailable saying what to install."""
     try:
         import onnxruntime  # type: ignore[import-untyped]  # imported here: a missing one is said before exporting
         import onnxscript  # noqa: F401  (torch's exporter needs it)
@@ -55,7 +56,7 @@ def export_onnx(backbone: nn.Module, image_size: int) -> OnnxModel:
     """`backbone` (eval mode, features out) as ONNX with a dynamic batch dimension for 3 x image_size x image_size
     inputs, run in onnxruntime on random inputs of CHECK_BATCHES sizes against PyTorch: OnnxMismatch when the
     largest difference exceeds TOLERANCE of the features' scale."""
-    onnxruntime = _modules()
+    onnxruntime = require_onnx()
     backbone = backbone.eval()
     example = torch.randn(2, 3, image_size, image_size)
     batch = torch.export.Dim("batch", min=1)

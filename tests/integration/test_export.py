@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import fsspec
@@ -222,3 +224,26 @@ def test_on_s3_the_card_is_written_last_and_a_failed_export_removes_its_objects(
     assert main(["export", str(run_path), f"{s3_bucket}/models/failed", *endpoint]) == USER_ERROR_EXIT
     fs.invalidate_cache()
     assert fs.find(f"{bucket}/models/failed") == []
+
+
+def test_a_manifest_whose_spec_this_version_cannot_read_is_one_error(run, tmp_path, capsys):
+    run_path, _ = run
+    copy = tmp_path / "digits"
+    shutil.copytree(run_path, copy)
+    manifest_path = copy / "checkpoints/step-000000008/manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["spec"]["optim"]["momentum_schedule"] = "cosine"  # a field of another version, or planted
+    manifest_path.write_text(json.dumps(manifest))
+    assert main(["export", str(copy), str(tmp_path / "out")]) == USER_ERROR_EXIT
+    error = capsys.readouterr().err
+    assert "not a training spec this version reads" in error and "optim.momentum_schedule" in error
+    assert len(error.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_onnx_without_its_optional_packages_says_what_to_install_before_reading_anything(run, tmp_path, monkeypatch,
+                                                                                         capsys):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if not installed: importing it raises ImportError
+    assert main(["export", str(run[0]), str(tmp_path / "out"), "--format", "onnx"]) == USER_ERROR_EXIT
+    error = capsys.readouterr().err
+    assert "onnxscript is missing" in error and "pip install 'barlowtwins-service[onnx]'" in error
+    assert not (tmp_path / "out").exists()
