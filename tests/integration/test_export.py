@@ -247,3 +247,13 @@ def test_onnx_without_its_optional_packages_says_what_to_install_before_reading_
     error = capsys.readouterr().err
     assert "onnxscript is missing" in error and "pip install 'barlowtwins-service[onnx]'" in error
     assert not (tmp_path / "out").exists()
+
+
+def test_an_onnx_graph_that_does_not_compute_the_features_is_not_written(run, tmp_path, monkeypatch, capsys):
+    """The check is read: with no tolerance, onnxruntime's own summation order already fails it."""
+    import service.export.onnx_model
+
+    monkeypatch.setattr(service.export.onnx_model, "TOLERANCE", 0.0)
+    assert main(["export", str(run[0]), str(tmp_path / "out"), "--format", "onnx"]) == USER_ERROR_EXIT
+    assert "the ONNX graph's features differ from PyTorch's by up to" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
