@@ -142,7 +142,7 @@ def model_card(facts: ModelFacts) -> str:
         "| | |",
         "| --- | --- |",
         f"| data | {shown(spec.data.dataset)}, {images}, {size} px crops |",
-        f"| checkpoint | {shown(facts.source)}, {trained}, written {facts.created or '-'} |",
+        f"| checkpoint | {shown(facts.source)}, {trained}, written {shown(facts.created or '-')} |",
         f"| recipe | LARS, {spec.optim.epochs} epoch{'s' if spec.optim.epochs != 1 else ''}, global batch "
         f"{spec.optim.batch_size}, learning rates "
         f"{spec.optim.lr_weights:g} (weights) and {spec.optim.lr_biases:g} (biases and BatchNorm) x batch / 256, "
