@@ -7,14 +7,12 @@ real neighbours, the S3 server or loader processes; `tests/e2e`: what a user typ
 """
 
 import itertools
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from s3fs import S3FileSystem
 
 from tests.support.container_engine import background_build
-from tests.support.demo import DEMO_TESTS, BackgroundRun
 from tests.support.s3_server import TEST_CREDENTIALS, S3Server
 
 _TESTS = Path(__file__).resolve().parent
@@ -50,22 +48,6 @@ def s3_server():
     server = S3Server().start()
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def demo_pretraining(request, tmp_path_factory) -> Iterator[BackgroundRun | None]:
-    """The built-in demo's pretraining on S3, as `make demo` trains it, for tests/e2e/test_demo.py: started with the
-    session when those tests are selected, so that its 6-8 minutes on 2 cores run beside the tests before them,
-    whose processes leave cores idle while they start, wait on S3, build images or rendezvous. Its tests wait for it
-    (BackgroundRun.finished)."""
-    if not any(str(item.path).endswith(DEMO_TESTS) for item in request.session.items):
-        yield None
-        return
-    server = request.getfixturevalue("s3_server")
-    run = BackgroundRun.start(f"{server.create_bucket('pretrained')}/digits", server.endpoint_url,
-                              tmp_path_factory.mktemp("demo") / "train.log")
-    yield run
-    run.stop()
 
 
 @pytest.fixture
