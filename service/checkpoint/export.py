@@ -21,6 +21,8 @@ from service.run import layout
 from service.spec import ModelSpec, StorageSpec, TrainSpec
 from service.storage.filesystem import filesystem, fsspec_options, open_for_writing
 
+SAFETENSORS = ".safetensors"
+WEIGHT_SUFFIXES = (".pth", ".pt", SAFETENSORS)
 FOLDER_CONFIG = "config.json"  # what marks a folder written by `barlow export`
 FOLDER_WEIGHTS = "model.safetensors"
 BACKBONES: tuple[str, ...] = get_args(ModelSpec.model_fields["backbone"].annotation)
@@ -35,10 +37,6 @@ def backbone_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     backbone = model.backbone
     assert isinstance(backbone, nn.Module)
     return {key: value.detach().cpu().clone() for key, value in backbone.state_dict().items()}
-
-
-SAFETENSORS = ".safetensors"
-WEIGHT_SUFFIXES = (".pth", ".pt", SAFETENSORS)
 
 
 def weights_bytes(state: dict[str, torch.Tensor], name: str) -> bytes:
@@ -111,7 +109,8 @@ def read_weights(url: str, storage: StorageSpec) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise CheckpointError(f"backbone weights {url} do not exist") from None
     except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError) as error:
-        raise CheckpointError(f"{url} is not a weights file: {str(error).splitlines()[0][:200]}") from None
+        first_line = (str(error).splitlines() or [type(error).__name__])[0]
+        raise CheckpointError(f"{url} is not a weights file: {first_line[:200]}") from None
 
 
 def folder_weights(folder: str, storage: StorageSpec) -> str | None:
@@ -137,5 +136,6 @@ def load_pretrained(source: str, storage: StorageSpec) -> dict[str, torch.Tensor
         return read_weights(weights, storage)
     valid = [c for c in list_checkpoints(source, storage) if c.valid]
     if not valid:
-        raise CheckpointError(f"{source} is neither a .pth file nor a checkpoint, and holds no valid checkpoint")
+        raise CheckpointError(f"{source} is neither a weights file (.safetensors, .pth), a folder barlow export wrote "
+                              "nor a checkpoint, and holds no valid checkpoint")
     return checkpoint_backbone(valid[-1].url, storage)
