@@ -54,8 +54,9 @@ class ModelFacts:
 
 
 def shown(text: Any) -> str:
-    """`text` as a Markdown code span on one line, whatever it holds (backticks and line breaks replaced)."""
-    return "`" + " ".join(str(text).replace("`", "'").split())[:300] + "`"
+    """`text` as a Markdown code span on one line, whatever it holds: backticks and line breaks replaced, and a pipe
+    escaped (GitHub's tables split cells at a pipe even inside a code span)."""
+    return "`" + " ".join(str(text).replace("`", "'").split())[:300].replace("|", "\\|") + "`"
 
 
 def model_config(facts: ModelFacts) -> dict[str, Any]:
