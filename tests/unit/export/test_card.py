@@ -18,7 +18,8 @@ def test_a_shown_string_cannot_leave_its_code_span_or_its_cell():
 
 
 def test_the_card_keeps_hostile_locations_in_their_cells():
-    facts = ModelFacts(spec=TrainSpec.model_validate({"data": {"dataset": "digits"}}), source=HOSTILE, step=8, epoch=2, total_steps=8, created=HOSTILE,
+    spec = TrainSpec.model_validate({"data": {"dataset": "digits"}})
+    facts = ModelFacts(spec=spec, source=HOSTILE, step=8, epoch=2, total_steps=8, created=HOSTILE,
                        spec_digest="0" * 64, train_images=1078,
                        evaluations=[Evaluation(HOSTILE, "linear", 81.25, 99.0, 10, 1078)])
     card = model_card(facts)
