@@ -87,10 +87,11 @@ def judge(log: RunLog, projector_width: int | None, feature_dim: int | None) -> 
             verdict, reason = DIMENSIONAL, "the features fill only a few of their dimensions"
         elif rank_state == WATCH:
             verdict, reason = WATCH, "the features' effective rank is low: compare with earlier runs of this recipe"
-        elif spread_state == HEALTHY:
+        elif HEALTHY in (spread_state, rank_state):
             verdict = HEALTHY
-            reason = "spread and effective rank as a healthy run's" if rank_state == HEALTHY else (
-                "spread as a healthy run's (no RankMe yet)")
+            reason = ("spread and effective rank as a healthy run's" if spread_state == rank_state else
+                      "spread as a healthy run's (no RankMe yet)" if spread_state == HEALTHY else
+                      "effective rank as a healthy run's (the spread is not judged: no projector width in the spec)")
         else:
             verdict, reason = NO_SIGNAL, "no logged step with the collapse signal yet"
         judged.append(AttemptHealth(number, start.get("world_size"),

@@ -66,6 +66,12 @@ def test_with_the_monitor_off_the_last_logged_steps_rankme_is_judged():
     assert verdicts(start(0, WALL), {**collapsed, "rankme": 0.3 * 256}) == [HEALTHY]
 
 
+def test_without_the_specs_projector_width_the_rank_alone_is_judged():
+    health = judge(parse_stats(stats(start(0, WALL), logged(15, 0.8), knn(16, 0.24))), None, FEATURES)
+    assert health[0].verdict == HEALTHY and "no projector width" in health[0].reason
+    assert judge(parse_stats(stats(start(0, WALL), logged(15, 0.8))), None, FEATURES)[0].verdict == NO_SIGNAL
+
+
 def test_the_thresholds_sit_where_the_module_says():
     assert verdicts(start(0, WALL), logged(15, 0.099), knn(16, 0.24)) == [COMPLETE]
     assert verdicts(start(0, WALL), logged(15, 0.101), knn(16, 0.24)) == [HEALTHY]
