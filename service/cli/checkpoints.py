@@ -52,13 +52,13 @@ def format_table(rows: list[tuple[str, ...]]) -> str:
 
 def export_command(args: argparse.Namespace, argv: list[str] | None) -> int:
     from service.checkpoint.export import WEIGHT_SUFFIXES, export_checkpoint
-    from service.export.folder import export_folder, newest_checkpoint
+    from service.export.folder import checkpoint_to_export, export_folder
 
     storage = storage_spec(args)
     if args.dest.endswith(WEIGHT_SUFFIXES):  # one file, the form its suffix names
         if args.formats or args.with_projector:
             raise UserError(f"{args.dest} names one weights file: --format and --with-projector are for a folder")
-        backbone = export_checkpoint(newest_checkpoint(args.source, storage), args.dest, storage)
+        backbone = export_checkpoint(checkpoint_to_export(args.source, storage), args.dest, storage)
         print(f"wrote {args.dest}: {len(backbone)} tensors of the backbone, torchvision key names, no fc")
         return 0
     exported = export_folder(args.source, args.dest, storage, tuple(dict.fromkeys(args.formats or ["safetensors"])),

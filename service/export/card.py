@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.checkpoint.export import FOLDER_WEIGHTS
 from service.method.model import BACKBONE_FEATURES
 from service.spec import TrainSpec
 
@@ -122,8 +123,8 @@ def model_card(facts: ModelFacts) -> str:
     stem_lines = ("" if stem == "imagenet" else
                   "model.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)  "
                   "# the CIFAR stem\nmodel.maxpool = torch.nn.Identity()\n")
-    load = ("from safetensors.torch import load_file\nstate = load_file(\"model.safetensors\")"
-            if weights == "model.safetensors" else f"state = torch.load(\"{weights}\", weights_only=True)")
+    load = (f"from safetensors.torch import load_file\nstate = load_file(\"{FOLDER_WEIGHTS}\")"
+            if weights == FOLDER_WEIGHTS else f"state = torch.load(\"{weights}\", weights_only=True)")
     lines = [
         "---",
         "library_name: timm",

@@ -19,12 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import ValidationError
-from torch import nn
 
-from service.checkpoint.catalog import list_checkpoints
-from service.checkpoint.export import SAFETENSORS, backbone_state_dict, checkpoint_model, weights_bytes
+from service.checkpoint.export import (
+    FOLDER_CARD,
+    FOLDER_CONFIG,
+    FOLDER_WEIGHTS,
+    SAFETENSORS,
+    backbone_state_dict,
+    checkpoint_model,
+    newest_checkpoint,
+    weights_bytes,
+)
 from service.errors import CheckpointError, StorageError
 from service.export.card import Evaluation, ModelFacts, model_card, model_config
 from service.export.onnx_model import ONNX_NAME, export_onnx, require_onnx  # optional packages: imported when asked
@@ -32,12 +38,11 @@ from service.reports.run_log import read_run_log
 from service.run import layout
 from service.spec import MAX_SPEC_BYTES, StorageSpec, TrainSpec, safe_yaml, spec_digest, spec_to_yaml
 from service.storage.filesystem import explain, filesystem, is_remote, storage_errors
-from service.storage.untrusted import KiB, UntrustedObject, read_bounded
+from service.storage.untrusted import KiB, UntrustedObject, parse_json, read_bounded
 
 log = logging.getLogger("barlow")
 
 FORMATS = ("safetensors", "pth", "onnx")
-CONFIG, CARD = "config.json", "README.md"
 MAX_EVALUATIONS = 20  # sibling folders named after the run looked into for an evaluation's results.json
 MAX_RESULTS_BYTES = 64 * KiB
 EVALUATION_MODES = ("linear", "finetune", "knn")
@@ -52,16 +57,13 @@ class ExportedFolder:
     onnx_max_difference: float | None
 
 
-def newest_checkpoint(source: str, storage: StorageSpec) -> str:
+def checkpoint_to_export(source: str, storage: StorageSpec) -> str:
     """`source` when it names a checkpoint, else the newest valid checkpoint of the run at `source`."""
-    source = source.rstrip("/")
-    if layout.checkpoint_step(source) is not None:
-        return source
-    valid = [c for c in list_checkpoints(source, storage) if c.valid]
-    if not valid:
+    checkpoint = newest_checkpoint(source, storage)
+    if checkpoint is None:
         raise CheckpointError(f"{source} holds no valid checkpoint to export: name a run's output (run.output) or "
                               "one of its checkpoints (barlow checkpoints ls RUN)")
-    return valid[-1].url
+    return checkpoint
 
 
 def export_folder(source: str, dest: str, storage: StorageSpec, formats: tuple[str, ...] = ("safetensors",),
@@ -71,7 +73,7 @@ def export_folder(source: str, dest: str, storage: StorageSpec, formats: tuple[s
     if "onnx" in formats:
         require_onnx()  # a missing optional package is said before anything is read
     _require_empty(dest, storage)
-    checkpoint = newest_checkpoint(source, storage)
+    checkpoint = checkpoint_to_export(source, storage)
     model, manifest = checkpoint_model(checkpoint, storage)
     try:
         spec = TrainSpec.model_validate(manifest["spec"])
@@ -85,7 +87,7 @@ def export_folder(source: str, dest: str, storage: StorageSpec, formats: tuple[s
     backbone = backbone_state_dict(model)
     weight_formats = [name for name in formats if name != "onnx"] or ["safetensors"]  # ONNX alone: PyTorch's too
     if "safetensors" in weight_formats:
-        files["model.safetensors"] = weights_bytes(backbone, SAFETENSORS)
+        files[FOLDER_WEIGHTS] = weights_bytes(backbone, SAFETENSORS)
     if "pth" in weight_formats:
         files[layout.weights_name(spec.model.backbone)] = weights_bytes(backbone, ".pth")
     if with_projector:
@@ -93,13 +95,13 @@ def export_folder(source: str, dest: str, storage: StorageSpec, formats: tuple[s
         suffix = SAFETENSORS if "safetensors" in weight_formats else ".pth"
         files[f"projector{suffix}"] = weights_bytes(projector, suffix)
     if "onnx" in formats:
-        exported = export_onnx(_features(model.backbone), spec.data.image_size)
+        exported = export_onnx(model.backbone, spec.data.image_size)  # on the CPU, its fc already the identity
         files[ONNX_NAME] = exported.data
         facts.onnx_max_difference = exported.max_difference
     facts.files = {name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "holds": _holds(name)}
                    for name, data in files.items()}
-    files[CONFIG] = (json.dumps(model_config(facts), indent=1) + "\n").encode()
-    files[CARD] = model_card(facts).encode()  # last: on an object store, its presence says the folder is whole
+    files[FOLDER_CONFIG] = (json.dumps(model_config(facts), indent=1) + "\n").encode()
+    files[FOLDER_CARD] = model_card(facts).encode()  # last: on an object store, its presence says the folder is whole
     _write_whole(dest, files, storage)
     return ExportedFolder(dest, checkpoint, list(files), facts.onnx_max_difference)
 
@@ -110,11 +112,6 @@ def _holds(name: str) -> str:
     if name.startswith("projector"):
         return "the projector (Linear-BatchNorm-ReLU layers, then Linear), keys of nn.Sequential"
     return "the backbone's state_dict, torchvision key names, no fc"
-
-
-def _features(backbone: nn.Module) -> nn.Module:
-    """The backbone in eval mode on the CPU, returning its pooled features (its fc is already the identity)."""
-    return backbone.to(torch.device("cpu")).eval()
 
 
 def _facts(spec: TrainSpec, checkpoint: str, manifest: dict[str, Any], run: str, storage: StorageSpec,
@@ -171,8 +168,8 @@ def evaluations_beside(run: str, storage: StorageSpec) -> list[Evaluation]:
         try:
             spec = safe_yaml(read_bounded(fs, f"{parent_path}/{sibling}/{layout.SPEC}", MAX_SPEC_BYTES, "spec"),
                              layout.under(folder, layout.SPEC))
-            results = json.loads(read_bounded(fs, f"{parent_path}/{sibling}/{layout.RESULTS}", MAX_RESULTS_BYTES,
-                                              "results.json"))
+            results = parse_json(read_bounded(fs, f"{parent_path}/{sibling}/{layout.RESULTS}", MAX_RESULTS_BYTES,
+                                              "results.json"), layout.under(folder, layout.RESULTS))
         except (FileNotFoundError, IsADirectoryError, ValueError, UntrustedObject):
             continue  # not an evaluation's folder, or not one of the form it writes
         backbone = spec.get("backbone") if isinstance(spec, dict) else None

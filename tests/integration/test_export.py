@@ -62,6 +62,8 @@ def run(tmp_path_factory) -> tuple[Path, Training]:
     evaluation_beside(root, "digits-linear", f"{run}/resnet18.pth", result)
     evaluation_beside(root, "digits-other", str(root / "other" / "resnet18.pth"), {**result, "acc1": 12.5})
     evaluation_beside(root, "digits-hostile", str(run), {**result, "acc1": "<script>alert(1)</script>"})
+    evaluation_beside(root, "digits-bomb", str(run), {})
+    (root / "digits-bomb" / "results.json").write_text("[" * 50_000)  # under the size bound, nested past the stack
     return run, training
 
 
@@ -257,3 +259,23 @@ def test_an_onnx_graph_that_does_not_compute_the_features_is_not_written(run, tm
     assert main(["export", str(run[0]), str(tmp_path / "out"), "--format", "onnx"]) == USER_ERROR_EXIT
     assert "the ONNX graph's features differ from PyTorch's by up to" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_damaged_or_unfinished_folder_is_refused_by_the_evaluation_that_reads_it(folder, tmp_path, capsys):
+    """The sha256 config.json records is read back: one changed byte of the weights, or a folder whose card
+    (written last) is missing, is one line from `barlow evaluate`, before anything is trained."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(folder, damaged)
+    weights = bytearray((damaged / "model.safetensors").read_bytes())
+    weights[-1] ^= 0xFF  # the last tensor's last byte: still a readable safetensors file
+    (damaged / "model.safetensors").write_bytes(bytes(weights))
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(folder, unfinished)
+    (unfinished / "README.md").unlink()
+    for copy, error in ((damaged, "does not have the sha256 its folder's config.json records"),
+                        (unfinished, "an export that did not finish")):
+        code = main(["evaluate", str(ROOT / "specs/digits-linear.yaml"), "--set", f"backbone.weights={copy}",
+                     "--set", f"run.output={tmp_path / copy.name}-eval", "--set", "eval.mode=knn"])
+        printed = capsys.readouterr().err
+        assert code == USER_ERROR_EXIT and error in printed, printed
+        assert not (tmp_path / f"{copy.name}-eval" / "results.json").exists()
