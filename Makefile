@@ -43,11 +43,14 @@ train: setup
 	$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m service train $(SPEC)
 
 ## test: the static checks, then the whole suite (unit, integration, end-to-end, distributed, container), with its
-## 25 slowest tests at the end. LINT= skips the static checks (CI runs them as a phase of their own)
+## 25 slowest tests at the end. LINT= skips the static checks (CI runs them as a phase of their own). The suite
+## runs on a pytest-xdist worker per core (XDIST= runs it in one process), in units of work that tests/conftest.py
+## draws: a module each, one for the runs that several modules share, one for the container tests
 LINT ?= lint
 PYTEST_ARGS ?=
+XDIST ?= -n auto --dist loadgroup --no-loadscope-reorder
 test: setup kubectl $(LINT)
-	$(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=25 $(XDIST) $(PYTEST_ARGS)
 
 ## test-fast: the unit tests only (tests/unit: in process, no network, each well under a second)
 test-fast: setup
