@@ -11,9 +11,11 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from s3fs import S3FileSystem
 
 from tests.support.container_engine import background_build
+from tests.support.runs import cores_per_worker
 from tests.support.s3_server import TEST_CREDENTIALS, S3Server
 
 _TESTS = Path(__file__).resolve().parent
@@ -79,6 +81,13 @@ def pytest_collection_modifyitems(items):
     else:
         rank = {folder: index for index, folder in enumerate(_FOLDER_ORDER)}
         items.sort(key=lambda item: rank.get(_folder(item), len(rank)))
+
+
+def pytest_configure(config):
+    if _under_xdist():  # this worker's own steps, and what its subprocesses inherit, on its share of the cores
+        threads = cores_per_worker()
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 def pytest_collection_finish(session):

@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.runtime.machine import usable_cpus
 from service.spec import StorageSpec
 from service.storage.filesystem import filesystem
 from tests.support.s3_server import TEST_CREDENTIALS
@@ -53,7 +54,15 @@ def command(*args: str, torchrun: int | None = None) -> list[str]:
     return [BARLOW, *args]
 
 
+def cores_per_worker() -> int:
+    """The cores one pytest-xdist worker may keep busy (all of them without xdist). Two workers each running a
+    2-thread step on 2 cores spin at each other's OpenMP barriers: the demo's pretraining took 3.3 times as long."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, int(usable_cpus()) // workers)
+
+
 def environment(threads: int = 1, env: dict[str, str] | None = None) -> dict[str, str]:
+    threads = min(threads, cores_per_worker())
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore", **(env or {})}
 
 

@@ -32,9 +32,11 @@ class Stream(io.StringIO):
 
 @pytest.fixture(autouse=True)
 def restored_logger(monkeypatch):
-    """Each test starts outside any launcher and leaves the barlow logger and the step as it found them."""
+    """Each test starts outside any launcher and before any step (a training run in this process, an earlier test
+    of the same pytest worker, leaves its last), and leaves the barlow logger as it found it."""
     for name in LAUNCH_VARIABLES:
         monkeypatch.delenv(name, raising=False)
+    set_step(None)
     state = log.handlers[:], log.level, log.propagate
     yield
     log.handlers[:], log.level, log.propagate = state
