@@ -22,7 +22,7 @@ from service.storage.filesystem import filesystem
 from tests.support.runs import DIGITS, overrides, run_barlow, stats_records
 from tests.support.s3_server import TEST_CREDENTIALS
 
-# the first test's setup trains the whole demo: 6 min alone on 2 cores, 14 min seen beside other tests on them
+# the first test's setup trains the whole demo: 7 min alone on 2 cores, 14 min on one xdist worker's core
 pytestmark = [pytest.mark.torchrun, pytest.mark.timeout(1800)]
 
 
@@ -35,14 +35,14 @@ def barlow(*args: str, torchrun: int | None = None, threads: int = 1, timeout: f
 @pytest.fixture(scope="module")
 def pretrained(s3_server) -> tuple[str, StorageSpec]:
     """The demo's pretraining, the whole recipe as `make demo` trains it (specs/digits.yaml unchanged: 30 epochs,
-    240 steps, the kNN monitor every 10 epochs; one torchrun worker, two threads as on a 2-core machine), on S3.
+    240 steps, the kNN monitor every 10 epochs; one torchrun worker, a thread per core of its pytest worker's share:
+    two in one process, one under `make test`'s two xdist workers), on S3.
 
     No cheaper run can stand in. The promise is a property of this recipe (README: 10 epochs stayed below the
     untrained network on every probe, 20 beat it on kNN and 5-shot only) and the monitor's epochs are the recipe's.
     The evaluations reuse it, at no cost in training, because one of their checks needs a backbone that learned:
-    a tiny run's (tests/support/runs.py) reached 23 % on the 2-epoch linear probe, under its bar of 40. Started in
-    the background with the session instead, it saved nothing: the suite keeps both cores busy (measured, 38:51
-    against the serial order's time), so it only slowed the tests beside it."""
+    a tiny run's (tests/support/runs.py) reached 23 % on the 2-epoch linear probe, under its bar of 40. It starts
+    first under xdist (tests/conftest.py): the longest unit of work, 840 s on one core beside the other worker's."""
     run_url = f"{s3_server.create_bucket('pretrained')}/digits"
     barlow("train", DIGITS, *overrides(f"run.output={run_url}", f"storage.endpoint_url={s3_server.endpoint_url}"),
            torchrun=1, threads=2, timeout=1500)
