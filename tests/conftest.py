@@ -67,14 +67,15 @@ def _work_units(items: list[pytest.Item]) -> dict[pytest.Item, str]:
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the xdist_group markers
 def pytest_collection_modifyitems(items):
-    units = _work_units(items)
     for item in items:
         if {"s3_server", "s3_bucket"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.s3)
         for marker in _FOLDER_MARKERS.get(_folder(item), ()):
             item.add_marker(marker)
-        item.add_marker(pytest.mark.xdist_group(units[item]))
     if _under_xdist():
+        units = _work_units(items)
+        for item in items:
+            item.add_marker(pytest.mark.xdist_group(units[item]))
         first = {unit: index for index, unit in enumerate(_FIRST_UNDER_XDIST)}
         rank = {folder: len(first) + index for index, folder in enumerate(_FOLDER_ORDER_UNDER_XDIST)}
         items.sort(key=lambda item: first.get(units[item], rank.get(_folder(item), len(first) + len(rank))))
@@ -99,6 +100,7 @@ def pytest_collection_finish(session):
         background_build.start()
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: a run without the plugin ignores it
 def pytest_xdist_node_collection_finished(node, ids):
     """pytest-xdist groups by appending "@unit" to each node id, which pytest 9.2 ignores (pytest-xdist#1386): every
     test would be scheduled alone, and each worker would train the demo and the shared runs again."""
