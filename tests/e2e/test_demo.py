@@ -42,7 +42,7 @@ def pretrained(s3_server) -> tuple[str, StorageSpec]:
     untrained network on every probe, 20 beat it on kNN and 5-shot only) and the monitor's epochs are the recipe's.
     The evaluations reuse it, at no cost in training, because one of their checks needs a backbone that learned:
     a tiny run's (tests/support/runs.py) reached 23 % on the 2-epoch linear probe, under its bar of 40. It starts
-    first under xdist (tests/conftest.py): the longest unit of work, 840 s on one core beside the other worker's."""
+    first under xdist (tests/conftest.py): the longest unit of work, 840-948 s on one core beside the other worker's."""
     run_url = f"{s3_server.create_bucket('pretrained')}/digits"
     barlow("train", DIGITS, *overrides(f"run.output={run_url}", f"storage.endpoint_url={s3_server.endpoint_url}"),
            torchrun=1, threads=2, timeout=1500)
